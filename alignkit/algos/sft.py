@@ -1,0 +1,94 @@
+"""Supervised fine-tuning: maximise log p(completion | prompt), loss on completion tokens only.
+
+Prompt and padding tokens carry label -100 and never enter the loss. With ``packing`` several short examples
+share one row; their position ids restart so none attends to another (see ``alignkit.data.collate``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from alignkit.config import DataConfig, ModelConfig, arg
+from alignkit.data import IGNORE, read_examples, sft_example
+from alignkit.data.collate import collate_packed, pack_sft, pad_sft
+from alignkit.engine import Engine, TrainConfig, default_threads, distributed_state, total_steps_for
+from alignkit.logprobs import LogprobModel, token_logprobs
+from alignkit.models import load_model
+
+
+@dataclass
+class SFTConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=2e-5))
+    packing: bool = arg(False, "pack several short examples into each row of max_length tokens")
+
+
+def _targets(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    target = batch["labels"] != IGNORE
+    target[:, 0] = False  # nothing predicts the first token
+    return target
+
+
+def sft_loss(module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    """Summed negative log-likelihood of the target tokens: -sum_t log p(y_t | x, y_<t)."""
+    target = _targets(batch)
+    logps = module(batch["input_ids"], target, batch.get("attention_mask"), batch.get("position_ids"))
+    nll = -(logps * target).sum()
+    return nll, {"loss": nll.item() / max(1, int(target.sum()))}
+
+
+def count_targets(batch: dict[str, torch.Tensor]) -> int:
+    return int(_targets(batch).sum())
+
+
+@torch.no_grad()
+def mean_nll(model, batches, autocast) -> float:
+    """Token-mean NLL of the target tokens over ``batches`` (held-out loss)."""
+    total, count = 0.0, 0
+    for batch in batches:
+        target = _targets(batch)
+        with autocast():
+            logps = token_logprobs(model, batch["input_ids"], target, batch.get("attention_mask"), batch.get("position_ids"))
+        total -= float((logps * target).sum())
+        count += int(target.sum())
+    return total / max(1, count)
+
+
+def train(cfg: SFTConfig) -> Path:
+    default_threads()
+    model, tokenizer = load_model(cfg.model.model, lora=cfg.model.lora_settings(), trust_remote_code=cfg.model.trust_remote_code)
+    make = partial(read_examples, make=sft_example, tokenizer=tokenizer, max_length=cfg.data.max_length,
+                   skip_invalid=cfg.data.skip_invalid)
+    examples = make(cfg.data.data)
+    eval_examples = make(cfg.data.eval_data) if cfg.data.eval_data else []
+    pad_id = tokenizer.pad_token_id
+    if cfg.packing:
+        examples = pack_sft(examples, cfg.data.max_length)
+        collate = partial(collate_packed, pad_id=pad_id)
+    else:
+        collate = partial(pad_sft, pad_id=pad_id)
+    eval_batches = [pad_sft(eval_examples[i : i + 8], pad_id) for i in range(0, len(eval_examples), 8)]
+
+    total = total_steps_for(cfg.train, len(examples), distributed_state().num_processes)
+    engine = Engine(cfg.train, model, tokenizer, total, train_module=LogprobModel(model), run_config={"algo": "sft"})
+    evaluate = (lambda: {"eval/loss": mean_nll(model, eval_batches, engine.autocast)}) if eval_batches else None
+    if evaluate is not None and not cfg.train.resume:
+        before = evaluate()["eval/loss"]
+        engine.log({"eval/loss": before}, step=0)
+        if engine.is_main:
+            print(f"held-out loss before: {before:.4f}")
+    engine.fit(examples, collate, sft_loss, count_targets, evaluate)
+    if evaluate is not None:
+        after = evaluate()["eval/loss"]
+        engine.log({"eval/loss": after})
+        if engine.is_main:
+            print(f"held-out loss after:  {after:.4f}")
+    path = engine.finish()
+    if engine.is_main:
+        print(f"model saved to {path}")
+    return path

@@ -1,0 +1,150 @@
+"""``alignkit <command>``: a thin layer that turns flags and YAML into an algorithm's config and calls it.
+
+Every field of an algorithm's config dataclass (and of its nested model/data/train parts) is a flag
+(``--max-length``) and a YAML key (``max_length``, flat or under a ``model:``/``data:``/``train:`` section).
+Precedence: defaults < ``--config FILE.yaml`` < flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import sys
+import typing
+from pathlib import Path
+from typing import Any
+
+# command -> (module, config class, entry function); each module is imported only when its command runs
+ALGORITHMS = {
+    "sft": ("alignkit.algos.sft", "SFTConfig", "train", "supervised fine-tuning (completion-only loss)"),
+}
+
+
+def _fields(cls) -> list[tuple[str, dataclasses.Field, Any, str | None]]:
+    """(name, field, resolved type, group) for every leaf field, nested config dataclasses flattened."""
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        kind = hints[f.name]
+        if dataclasses.is_dataclass(kind):
+            out += [(name, sub, t, f.name) for name, sub, t, _ in _fields(kind)]
+        else:
+            out.append((f.name, f, kind, None))
+    return out
+
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def add_config_flags(parser: argparse.ArgumentParser, cls) -> None:
+    seen = set()
+    for name, f, kind, _group in _fields(cls):
+        if name in seen:
+            raise TypeError(f"{cls.__name__}: field {name!r} appears twice")
+        seen.add(name)
+        flag = "--" + name.replace("_", "-")
+        help_text = f.metadata.get("help", "")
+        if kind is bool:
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
+        else:
+            parser.add_argument(flag, dest=name, type=kind, default=argparse.SUPPRESS, metavar=kind.__name__.upper(), help=help_text)
+
+
+def _load_yaml(path: str) -> dict[str, Any]:
+    import yaml
+
+    try:
+        loaded = yaml.safe_load(Path(path).read_text()) or {}
+    except FileNotFoundError:
+        raise SystemExit(f"alignkit: error: config file {path} not found") from None
+    except yaml.YAMLError as e:
+        raise SystemExit(f"alignkit: error: {path}: invalid YAML ({e})") from None
+    if not isinstance(loaded, dict):
+        raise SystemExit(f"alignkit: error: {path}: expected a mapping of option: value")
+    return loaded
+
+
+def build_config(cls, flags: dict[str, Any], yaml_values: dict[str, Any] | None = None, source: str = "config"):
+    """Config instance from defaults, then YAML values (flat or sectioned), then flags."""
+    leaves = {name: (kind, group) for name, _, kind, group in _fields(cls)}
+    values: dict[str, Any] = {}
+    for key, value in (yaml_values or {}).items():
+        if isinstance(value, dict) and key in {g for _, g in leaves.values()}:
+            for sub_key, sub_value in value.items():
+                values[_yaml_key(sub_key, leaves, source)] = sub_value
+        else:
+            values[_yaml_key(key, leaves, source)] = value
+    values.update(flags)
+    for name, value in values.items():
+        kind = leaves[name][0]
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            values[name] = float(value)
+        elif not isinstance(value, kind):
+            raise SystemExit(f"alignkit: error: {source}: {name}: expected {kind.__name__}, got {value!r}")
+    groups: dict[str | None, dict[str, Any]] = {}
+    for name, value in values.items():
+        groups.setdefault(leaves[name][1], {})[name] = value
+    hints = typing.get_type_hints(cls)
+    top = dict(groups.get(None, {}))
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            base = f.default_factory() if f.default_factory is not dataclasses.MISSING else hints[f.name]()
+            top[f.name] = dataclasses.replace(base, **groups.get(f.name, {}))
+    return cls(**top)
+
+
+def _yaml_key(key: str, leaves: dict, source: str) -> str:
+    name = key.replace("-", "_")
+    if name not in leaves:
+        raise SystemExit(f"alignkit: error: {source}: unknown option {key!r}")
+    return name
+
+
+def _generate(args: argparse.Namespace) -> None:
+    from alignkit.generate import generate_cli
+
+    generate_cli(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="alignkit", description="Align language models with human and AI feedback.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, (module, cls_name, _, help_text) in ALGORITHMS.items():
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.add_argument("--config", help="YAML file of options; flags override it")
+        sub.set_defaults(_algo=name)
+        add_config_flags(sub, getattr(importlib.import_module(module), cls_name))
+    gen = commands.add_parser("generate", help="sample completions from a model or checkpoint")
+    from alignkit.generate import add_generate_flags
+
+    add_generate_flags(gen)
+    gen.set_defaults(_run=_generate)
+    args = parser.parse_args(argv)
+
+    from alignkit.data import DataError
+    from alignkit.engine import TrainingDiverged
+
+    try:
+        if getattr(args, "_run", None):
+            args._run(args)
+            return 0
+        module, cls_name, entry, _ = ALGORITHMS[args._algo]
+        mod = importlib.import_module(module)
+        flags = {k: v for k, v in vars(args).items() if not k.startswith("_") and k not in ("command", "config")}
+        yaml_values = _load_yaml(args.config) if args.config else None
+        cfg = build_config(getattr(mod, cls_name), flags, yaml_values, source=args.config or "flags")
+        getattr(mod, entry)(cfg)
+    except (DataError, TrainingDiverged, FileNotFoundError) as e:
+        print(f"alignkit: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

