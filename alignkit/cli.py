@@ -18,6 +18,12 @@ from typing import Any
 # command -> (module, config class, entry function); each module is imported only when its command runs
 ALGORITHMS = {
     "sft": ("alignkit.algos.sft", "SFTConfig", "train", "supervised fine-tuning (completion-only loss)"),
+    "dpo": ("alignkit.algos.dpo", "DPOConfig", "train", "DPO and its family: cDPO, IPO, hinge, robust, SimPO, ORPO"),
+    "kto": ("alignkit.algos.kto", "KTOConfig", "train", "KTO: alignment from unpaired completions labelled desirable or undesirable"),
+    "rrhf": ("alignkit.algos.rrhf", "RRHFConfig", "train", "RRHF: rank K scored responses per prompt, plus SFT on the best"),
+    "raft": ("alignkit.algos.raft", "RAFTConfig", "train",
+             "RAFT: sample K per prompt, keep the best by reward (optionally minus beta*KL), SFT on it, repeat"),
+    "bon": ("alignkit.algos.bon", "BoNConfig", "run", "best-of-N sampling baseline (no training); KL = log N - (N-1)/N"),
 }
 
 

@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from alignkit.config import arg
-from alignkit.models import _atomic_dir, unwrap
+from alignkit.models import _atomic_dir, bf16_is_fast, unwrap
 
 
 class TrainingDiverged(RuntimeError):
@@ -56,7 +56,7 @@ class TrainConfig:
     warmup_ratio: float = arg(0.0, "fraction of the steps spent warming up")
     schedule: str = arg("cosine", "learning-rate decay after warmup: cosine, linear or constant")
     max_grad_norm: float = arg(1.0, "gradient clipping norm; 0 disables")
-    mixed_precision: str = arg("bf16", "bf16 (autocast, fp32 master weights; ~3x faster on CPU) or no")
+    mixed_precision: str = arg("auto", "bf16 (autocast, fp32 master weights), no, or auto: bf16 where the hardware has it")
     seed: int = arg(0, "seed for initialisation, shuffling and sampling")
     save_steps: int = arg(0, "write a checkpoint every N steps; 0: only the final model")
     save_total_limit: int = arg(2, "checkpoints kept, oldest removed first")
@@ -132,7 +132,7 @@ class Engine:
         AcceleratorState._reset_state(reset_partial_state=False)
         self.accelerator = Accelerator(
             cpu=_cpu_only(),
-            mixed_precision="bf16" if cfg.mixed_precision == "bf16" else "no",
+            mixed_precision=resolve_precision(cfg.mixed_precision),
             log_with=_trackers(cfg) or None,
             project_dir=cfg.output_dir,
         )
@@ -142,7 +142,8 @@ class Engine:
             self.output_dir.mkdir(parents=True, exist_ok=True)
         train_module = train_module if train_module is not None else model
         params = [p for p in train_module.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        # the fused kernel does one pass over each parameter instead of several elementwise ops
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
         self.module, self.optimizer = self.accelerator.prepare(train_module, optimizer)
         self.params = params
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(cfg, total_steps))
@@ -388,6 +389,15 @@ class Engine:
         path = self.save_final()
         self.accelerator.end_training()
         return path
+
+
+def resolve_precision(mixed_precision: str) -> str:
+    """accelerate's mixed_precision value ("bf16" or "no") for our flag value (bf16, no, auto)."""
+    if mixed_precision not in ("auto", "bf16", "no"):
+        raise ValueError(f"mixed_precision must be auto, bf16 or no, got {mixed_precision!r}")
+    if mixed_precision == "auto":
+        return "bf16" if bf16_is_fast() else "no"
+    return mixed_precision
 
 
 def _cpu_only() -> bool:

@@ -21,7 +21,7 @@ def add_generate_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=0.7, help="0 for greedy decoding")
     parser.add_argument("--top-p", type=float, default=0.9)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"], help="auto: bf16 where it is fast")
     parser.add_argument("--seed", type=int, default=0)
 
 

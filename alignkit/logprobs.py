@@ -39,6 +39,19 @@ def token_logprobs(
     hidden = backbone(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
     ).last_hidden_state  # (B, L, H)
+    return logprobs_from_hidden(hidden, head, input_ids, target_mask, temperature, with_entropy)
+
+
+def logprobs_from_hidden(
+    hidden: torch.Tensor,
+    head: nn.Module,
+    input_ids: torch.Tensor,
+    target_mask: torch.Tensor,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """``token_logprobs`` from the backbone's last hidden states (B, L, H), for callers that also read them
+    (a PPO value head shares the one backbone forward)."""
     target_mask = target_mask.bool().clone()
     target_mask[:, 0] = False
     # the hidden state at t - 1 predicts the token at t

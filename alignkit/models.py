@@ -33,6 +33,27 @@ class LoraSettings:
     target_modules: str | tuple[str, ...] = "all-linear"
 
 
+def bf16_is_fast() -> bool:
+    """bf16 matmuls beat fp32 only with hardware support: AVX512-BF16/AMX on x86 CPUs, Ampere+ GPUs.
+    Without it (e.g. AVX2-only CPUs) torch emulates bf16 and is several times slower than fp32."""
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(f in flags for f in ("avx512_bf16", "amx_bf16"))
+
+
+def torch_dtype(dtype: str) -> torch.dtype:
+    """fp32 | bf16 | auto (bf16 where it is fast, else fp32)."""
+    if dtype == "auto":
+        return torch.bfloat16 if bf16_is_fast() else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be fp32, bf16 or auto, got {dtype!r}")
+    return DTYPES[dtype]
+
+
 def cache_dir() -> Path:
     """Where converted models live: $ALIGNKIT_CACHE, else $XDG_CACHE_HOME/alignkit, else ~/.cache/alignkit."""
     if os.environ.get("ALIGNKIT_CACHE"):
@@ -126,13 +147,13 @@ def load_model(
     A directory holding a saved LoRA adapter loads the base model with the adapter attached (trainable).
     """
     path = resolve(name_or_path)
-    torch_dtype = DTYPES[dtype]
+    weights_dtype = torch_dtype(dtype)
     if (Path(path) / "adapter_config.json").exists():
         from peft import AutoPeftModelForCausalLM
 
-        model = AutoPeftModelForCausalLM.from_pretrained(path, dtype=torch_dtype, is_trainable=True)
+        model = AutoPeftModelForCausalLM.from_pretrained(path, dtype=weights_dtype, is_trainable=True)
     else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=weights_dtype, trust_remote_code=trust_remote_code)
         if lora is not None:
             model = add_lora(model, lora)
     tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
@@ -172,7 +193,7 @@ def tiny_causal_lm(num_layers: int = 2, hidden_size: int = 128, seed: int = 0, d
     )
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(config).to(DTYPES[dtype])
+        model = LlamaForCausalLM(config).to(torch_dtype(dtype))
     model.eval()
     return model, tokenizer
 

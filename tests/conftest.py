@@ -6,9 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
-
-torch.set_num_threads(2)
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,7 @@ share one row; their position ids restart so none attends to another (see ``alig
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -75,7 +75,7 @@ def train(cfg: SFTConfig) -> Path:
     eval_batches = [pad_sft(eval_examples[i : i + 8], pad_id) for i in range(0, len(eval_examples), 8)]
 
     total = total_steps_for(cfg.train, len(examples), distributed_state().num_processes)
-    engine = Engine(cfg.train, model, tokenizer, total, train_module=LogprobModel(model), run_config={"algo": "sft"})
+    engine = Engine(cfg.train, model, tokenizer, total, train_module=LogprobModel(model), run_config={"algo": "sft", **asdict(cfg)})
     evaluate = (lambda: {"eval/loss": mean_nll(model, eval_batches, engine.autocast)}) if eval_batches else None
     if evaluate is not None and not cfg.train.resume:
         before = evaluate()["eval/loss"]

@@ -1,0 +1,98 @@
+"""Best-of-N sampling: for each prompt draw N responses from the policy and return the one with the highest
+reward. No training; it is the baseline every RL method should beat at equal KL.
+
+Its KL to the sampling policy π is usually quoted as (Stiennon et al. 2020, https://arxiv.org/abs/2009.01325)
+
+    KL(π_BoN || π) = log N − (N − 1) / N
+
+Beirami et al. 2024 (https://arxiv.org/abs/2401.01879, Theorem 3.1) show it is an upper bound: exact when the
+rewards are continuous/distinct and every single response has vanishing probability (a large response space,
+as for text), strictly smaller on a small discrete space (tests/test_raft.py checks both).
+
+Output (``output_dir``): ``bon.jsonl``, one line per prompt {prompt, completion (the best), reward (its reward),
+rewards (all N), completions (all N)}, and ``summary.json``. Runs in one process.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from alignkit.config import DataConfig, ModelConfig, arg
+from alignkit.engine import default_threads
+from alignkit.models import load_model
+from alignkit.online import RolloutConfig, read_prompts, rollout_and_score
+from alignkit.rewards import load_reward
+
+
+@dataclass
+class BoNConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=lambda: DataConfig(max_length=256))
+    rollout: RolloutConfig = field(default_factory=lambda: RolloutConfig(group_size=8))
+    output_dir: str = arg("runs/bon", "bon.jsonl (best completion per prompt) and summary.json go here")
+    max_prompts: int = arg(0, "answer only the first N prompts of --data (or --eval-data); 0: all")
+    seed: int = arg(0, "sampling seed")
+
+
+def bon_kl(n: int) -> float:
+    """KL(π_BoN || π) = log n − (n − 1)/n for best-of-n (Stiennon et al. 2020; Beirami et al. 2024, an upper
+    bound that is tight for large response spaces). 0 for n = 1."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    return math.log(n) - (n - 1) / n
+
+
+@dataclass
+class BoNResult:
+    path: Path  # bon.jsonl
+    mean_best_reward: float  # E over prompts of max_i r_i
+    mean_reward: float  # E over all samples: the single-sample (best-of-1) reward on the same samples
+    n: int
+    kl: float  # bon_kl(n)
+
+
+@torch.no_grad()
+def run(cfg: BoNConfig) -> BoNResult:
+    default_threads()
+    model, tokenizer = load_model(cfg.model.model, trust_remote_code=cfg.model.trust_remote_code)
+    reward = load_reward(cfg.rollout.reward)
+    source = cfg.data.data or cfg.data.eval_data
+    if not source:
+        raise ValueError("best-of-N needs prompts: --data (or --eval-data)")
+    prompts = read_prompts(source, tokenizer, cfg.data.max_length, cfg.data.skip_invalid)
+    if cfg.max_prompts:
+        prompts = prompts[: cfg.max_prompts]
+    n, per_batch = cfg.rollout.group_size, max(1, cfg.rollout.prompts_per_step)
+    sampling = cfg.rollout.sampling()
+    generator = torch.Generator().manual_seed(cfg.seed)
+
+    out_dir = Path(cfg.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "bon.jsonl"
+    best_rewards, all_rewards = [], []
+    with path.open("w") as f:
+        for start in range(0, len(prompts), per_batch):
+            chunk = prompts[start : start + per_batch]
+            scored = rollout_and_score(model, tokenizer, chunk, reward, sampling, n, generator)
+            groups = scored.rewards.view(-1, n)  # (G, N)
+            best = groups.argmax(-1)  # ties: the first sample
+            for g, prompt in enumerate(chunk):
+                texts = scored.texts[g * n : (g + 1) * n]
+                record = {"prompt": prompt.prompt, "completion": texts[int(best[g])], "reward": float(groups[g, best[g]]),
+                          "rewards": groups[g].tolist(), "completions": texts}
+                f.write(json.dumps(record) + "\n")
+            best_rewards.append(groups.max(-1).values)
+            all_rewards.append(scored.rewards)
+    result = BoNResult(path, float(torch.cat(best_rewards).mean()), float(torch.cat(all_rewards).mean()), n, bon_kl(n))
+    summary = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(result).items()}
+    summary["prompts"] = len(prompts)
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"best-of-{n} over {len(prompts)} prompts: mean best reward {result.mean_best_reward:.4f}, "
+          f"mean single-sample reward {result.mean_reward:.4f}, KL(BoN || policy) = log {n} - {n - 1}/{n} = {result.kl:.4f}")
+    print(f"wrote {path}")
+    return result

@@ -1,0 +1,202 @@
+"""Direct preference optimisation and its family: DPO, cDPO, IPO, hinge, robust DPO, SimPO, ORPO.
+
+Rafailov et al. 2023 (https://arxiv.org/abs/2305.18290): with summed response log-probs,
+
+    loss = −log σ(β·[(log π(y_w) − log π_ref(y_w)) − (log π(y_l) − log π_ref(y_l))])
+
+The variants differ only in the function of those four numbers (``alignkit.losses``); SimPO and ORPO need no
+reference model. The reference costs as little as possible:
+- its log-probs are precomputed in one no-grad pass before training (``precompute_ref``), by the policy itself
+  before its first update, so no second copy of the weights is ever held;
+- with LoRA and ``precompute_ref`` off, the reference is the base model with the adapter disabled;
+- chosen and rejected go through one forward pass (2B rows), and the LM head runs only at response positions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from alignkit import losses
+from alignkit.config import DataConfig, ModelConfig, arg
+from alignkit.data import PreferenceExample, preference_example, read_examples
+from alignkit.engine import Engine, TrainConfig, default_threads, distributed_state, total_steps_for
+from alignkit.logprobs import LogprobModel
+from alignkit.models import load_model
+
+REFERENCE_FREE = ("simpo", "orpo")
+
+
+@dataclass
+class DPOConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=lambda: DataConfig(max_length=512))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=5e-7, warmup_ratio=0.1))
+    loss: str = arg("sigmoid", "sigmoid (DPO) | ipo | hinge | robust | simpo | orpo")
+    beta: float = arg(0.1, "β: strength of the KL constraint (SimPO: reward scale, paper 2.0)")
+    label_smoothing: float = arg(0.0, "ε: assumed label-flip rate (cDPO with sigmoid, rDPO with robust)")
+    simpo_gamma: float = arg(0.5, "SimPO target margin γ (paper's γ, in reward units)")
+    orpo_lambda: float = arg(0.1, "ORPO weight λ of the odds-ratio term")
+    reference: str = arg("", "reference model; empty: the initial policy")
+    precompute_ref: bool = arg(True, "compute reference log-probs once before training")
+
+
+@dataclass
+class PairLogps:
+    """Summed response log-probs and response lengths of a batch of pairs, (B,) each."""
+
+    chosen: torch.Tensor
+    rejected: torch.Tensor
+    chosen_len: torch.Tensor
+    rejected_len: torch.Tensor
+    ref_chosen: torch.Tensor | None = None
+    ref_rejected: torch.Tensor | None = None
+
+
+def make_objective(cfg: DPOConfig) -> Callable[[PairLogps], tuple[torch.Tensor, dict]]:
+    """The loss, chosen once: PairLogps -> (per-pair losses, metrics)."""
+    if cfg.loss == "simpo":
+        return lambda p: losses.simpo_loss(p.chosen, p.rejected, p.chosen_len, p.rejected_len, cfg.beta,
+                                           cfg.simpo_gamma, cfg.label_smoothing)
+    if cfg.loss == "orpo":
+        return lambda p: losses.orpo_loss(p.chosen / p.chosen_len, p.rejected / p.rejected_len,
+                                          -p.chosen / p.chosen_len, cfg.orpo_lambda)
+    if cfg.loss not in losses.DPO_LOSSES:
+        raise ValueError(f"--loss must be one of {', '.join([*losses.DPO_LOSSES, *REFERENCE_FREE])}, got {cfg.loss!r}")
+    fn = losses.DPO_LOSSES[cfg.loss]
+    if cfg.loss == "ipo":  # IPO's target 1/(2β) is defined on length-averaged log-probs
+        return lambda p: fn(p.chosen / p.chosen_len, p.rejected / p.rejected_len, p.ref_chosen / p.chosen_len,
+                            p.ref_rejected / p.rejected_len, cfg.beta, cfg.label_smoothing)
+    return lambda p: fn(p.chosen, p.rejected, p.ref_chosen, p.ref_rejected, cfg.beta, cfg.label_smoothing)
+
+
+def collate_pairs(items: list[tuple[PreferenceExample, float, float]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Chosen rows then rejected rows, right-padded: (2B, L) input_ids / attention_mask / target_mask."""
+    rows = [(e.prompt_ids, e.chosen_ids) for e, _, _ in items] + [(e.prompt_ids, e.rejected_ids) for e, _, _ in items]
+    length = max(len(p) + len(c) for p, c in rows)
+    input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+    target_mask = torch.zeros((len(rows), length), dtype=torch.bool)
+    for i, (prompt, completion) in enumerate(rows):
+        n = len(prompt) + len(completion)
+        input_ids[i, :n] = torch.tensor(prompt + completion)
+        attention_mask[i, :n] = 1
+        target_mask[i, len(prompt) : n] = True
+    ref = torch.tensor([[c, r] for _, c, r in items], dtype=torch.float32)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "target_mask": target_mask,
+            "ref_chosen": ref[:, 0], "ref_rejected": ref[:, 1]}
+
+
+def pair_logps(module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed response log-probs (2B,) and response lengths (2B,) in one forward pass of a LogprobModel."""
+    token = module(batch["input_ids"], batch["target_mask"], batch["attention_mask"])
+    return token.sum(-1), batch["target_mask"].sum(-1).float()
+
+
+def _split(logps: torch.Tensor, lengths: torch.Tensor, batch: dict) -> PairLogps:
+    b = logps.shape[0] // 2
+    return PairLogps(logps[:b], logps[b:], lengths[:b], lengths[b:], batch["ref_chosen"], batch["ref_rejected"])
+
+
+@torch.no_grad()
+def reference_logps(model, examples: list[PreferenceExample], pad_id: int, autocast, batch_size: int = 16,
+                    disable_adapter: bool = False) -> list[tuple[PreferenceExample, float, float]]:
+    """(example, ref chosen log-prob, ref rejected log-prob) for every example, in one no-grad pass."""
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].prompt_ids) + len(examples[i].chosen_ids))
+    values: dict[int, tuple[float, float]] = {}
+    adapter_off = unwrap_peft_disable(model) if disable_adapter else nullcontext()
+    with adapter_off:
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            batch = collate_pairs([(examples[i], 0.0, 0.0) for i in idx], pad_id)
+            with autocast():
+                logps, _ = pair_logps(LogprobModel(model), batch)
+            b = len(idx)
+            for k, i in enumerate(idx):
+                values[i] = (float(logps[k]), float(logps[b + k]))
+    return [(e, *values[i]) for i, e in enumerate(examples)]
+
+
+def unwrap_peft_disable(model):
+    peft_model = model
+    while hasattr(peft_model, "module"):
+        peft_model = peft_model.module
+    if not hasattr(peft_model, "disable_adapter"):
+        raise ValueError("the reference 'base model with adapter disabled' needs a LoRA policy (--lora)")
+    return peft_model.disable_adapter()
+
+
+def train(cfg: DPOConfig) -> Path:
+    default_threads()
+    objective = make_objective(cfg)
+    needs_ref = cfg.loss not in REFERENCE_FREE
+    model, tokenizer = load_model(cfg.model.model, lora=cfg.model.lora_settings(), trust_remote_code=cfg.model.trust_remote_code)
+    pad_id = tokenizer.pad_token_id
+    make = partial(read_examples, make=preference_example, tokenizer=tokenizer, max_length=cfg.data.max_length,
+                   skip_invalid=cfg.data.skip_invalid)
+    examples = make(cfg.data.data)
+    eval_examples = make(cfg.data.eval_data) if cfg.data.eval_data else []
+
+    # the reference: a separate model, the base under the LoRA adapter, or the policy before its first update
+    ref_model = load_model(cfg.reference)[0] if cfg.reference else None
+    total = total_steps_for(cfg.train, len(examples), distributed_state().num_processes)
+    engine = Engine(cfg.train, model, tokenizer, total, train_module=LogprobModel(model),
+                    run_config={"algo": "dpo", **asdict(cfg)})
+    ref_source = ref_model if ref_model is not None else model
+    lora_ref = ref_model is None and cfg.model.lora
+    if needs_ref and not cfg.precompute_ref and ref_model is None and not cfg.model.lora:
+        raise ValueError("--no-precompute-ref with full fine-tuning needs --reference MODEL (no second copy is made)")
+    zeros = [(e, 0.0, 0.0) for e in eval_examples]
+    if needs_ref:
+        # computed before resume() can load trained weights, so the reference is always the initial policy
+        train_items = reference_logps(ref_source, examples, pad_id, engine.autocast, disable_adapter=lora_ref) \
+            if cfg.precompute_ref else [(e, 0.0, 0.0) for e in examples]
+        eval_items = reference_logps(ref_source, eval_examples, pad_id, engine.autocast, disable_adapter=lora_ref)
+    else:
+        train_items, eval_items = [(e, 0.0, 0.0) for e in examples], zeros
+
+    def live_reference(batch: dict) -> None:
+        with torch.no_grad(), (unwrap_peft_disable(model) if lora_ref else nullcontext()):
+            logps, _ = pair_logps(LogprobModel(ref_source), batch)
+        b = logps.shape[0] // 2
+        batch["ref_chosen"], batch["ref_rejected"] = logps[:b].float(), logps[b:].float()
+
+    def loss_fn(module, batch):
+        if needs_ref and not cfg.precompute_ref:
+            live_reference(batch)
+        logps, lengths = pair_logps(module, batch)
+        per_pair, metrics = objective(_split(logps, lengths, batch))
+        return per_pair.sum(), {"loss": per_pair.mean().item(), **{k: float(v) for k, v in metrics.items()}}
+
+    @torch.no_grad()
+    def evaluate() -> dict[str, float]:
+        totals: dict[str, float] = {}
+        for start in range(0, len(eval_items), 16):
+            batch = collate_pairs(eval_items[start : start + 16], pad_id)
+            with engine.autocast():
+                logps, lengths = pair_logps(LogprobModel(model), batch)
+            per_pair, metrics = objective(_split(logps, lengths, batch))
+            n = per_pair.shape[0]
+            for k, v in {"loss": per_pair.mean(), **metrics}.items():
+                totals[k] = totals.get(k, 0.0) + float(v) * n
+        return {f"eval/{k}": v / len(eval_items) for k, v in totals.items()}
+
+    collate = partial(collate_pairs, pad_id=pad_id)
+    report = evaluate if eval_items else None
+    if report is not None and not cfg.train.resume:
+        engine.log(report(), step=0)
+    engine.fit(train_items, collate, loss_fn, lambda batch: batch["input_ids"].shape[0] // 2, report)
+    if report is not None:
+        final = report()
+        engine.log(final)
+        if engine.is_main:
+            print("held-out: " + ", ".join(f"{k} {v:.4f}" for k, v in final.items() if "accuracies" in k or k == "eval/loss"))
+    path = engine.finish()
+    if engine.is_main:
+        print(f"model saved to {path}")
+    return path

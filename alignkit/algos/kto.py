@@ -1,0 +1,223 @@
+"""Kahneman-Tversky optimisation (KTO): alignment from unpaired completions labelled desirable or not.
+
+Ethayarajh et al. 2024 (https://arxiv.org/abs/2402.01306), sec. 4: with summed completion log-probs,
+r(x, y) = log π(y|x) − log π_ref(y|x) and the reference point z0,
+
+    desirable y:    loss = λ_D·(1 − σ(β·(r(x, y) − z0)))
+    undesirable y:  loss = λ_U·(1 − σ(β·(z0 − r(x, y))))
+    z0 = max(0, mean_j [log π(y'_j|x_j) − log π_ref(y'_j|x_j)])      (no gradient)
+
+z0 estimates KL(π ‖ π_ref) on mismatched pairs: prompt x_j with the completion y'_j of another example, so
+it measures how far the policy has moved in general, not on the labelled answers (``losses.kto_loss``).
+
+Choices, and why:
+- the mismatched pairing is fixed at set-up: example j gets the completion of one other example (a seeded
+  random cycle over the data, so never its own). TRL rotates completions by one inside fixed-order batches;
+  a fixed pairing gives the same estimator while batches still reshuffle every epoch, and it lets the
+  reference log-probs of the mismatched pairs be precomputed with the matched ones. A batch's z0 is the
+  mean over its B mismatched pairs, gathered over processes;
+- the reference costs what it costs in DPO: log-probs precomputed in one no-grad pass before training by
+  the policy itself (``precompute_ref``); with LoRA and ``precompute_ref`` off, the base model with the
+  adapter disabled, live; or a separate ``--reference`` model;
+- mismatched pairs go through their own no-grad forward: they carry no gradient, so no backward either.
+"""
+
+from __future__ import annotations
+
+import sys
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from alignkit import losses
+from alignkit.algos.dpo import unwrap_peft_disable
+from alignkit.config import DataConfig, ModelConfig, arg
+from alignkit.data import UnpairedExample, read_examples, unpaired_example
+from alignkit.engine import Engine, TrainConfig, default_threads, distributed_state, total_steps_for
+from alignkit.logprobs import LogprobModel
+from alignkit.models import load_model
+
+# (example, mismatched completion ids, reference log-prob of the completion, of the mismatched pair)
+Item = tuple[UnpairedExample, list[int], float, float]
+
+
+@dataclass
+class KTOConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=lambda: DataConfig(max_length=512))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-6, warmup_ratio=0.1))
+    beta: float = arg(0.1, "β: scale of the implicit reward β·log(π/π_ref) (paper 0.1)")
+    desirable_weight: float = arg(1.0, "λ_D, loss weight of desirable examples (paper: λ_D·n_D / λ_U·n_U in [1, 4/3])")
+    undesirable_weight: float = arg(1.0, "λ_U, loss weight of undesirable examples")
+    reference: str = arg("", "reference model; empty: the initial policy")
+    precompute_ref: bool = arg(True, "compute reference log-probs once before training")
+
+
+def mismatched_completions(examples: list[UnpairedExample], seed: int, max_length: int) -> list[list[int]]:
+    """For each example, the completion of one other example: its neighbour on a seeded random cycle.
+
+    A completion longer than the room left after this prompt is cut: the pair is only a sample for the KL
+    estimate, never trained on, and its length must stay within what the user's max_length allows."""
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
+    partner = {i: order[(k + 1) % len(order)] for k, i in enumerate(order)}
+    return [examples[partner[i]].completion_ids[: max(1, max_length - len(e.prompt_ids))] for i, e in enumerate(examples)]
+
+
+def collate_unpaired(items: list[Item], pad_id: int) -> dict[str, torch.Tensor]:
+    """Labelled rows then mismatched rows, right-padded: (2B, L) input_ids / attention_mask / target_mask."""
+    rows = [(e.prompt_ids, e.completion_ids) for e, _, _, _ in items] + [(e.prompt_ids, kl) for e, kl, _, _ in items]
+    length = max(len(p) + len(c) for p, c in rows)
+    input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+    target_mask = torch.zeros((len(rows), length), dtype=torch.bool)
+    for i, (prompt, completion) in enumerate(rows):
+        n = len(prompt) + len(completion)
+        input_ids[i, :n] = torch.tensor(prompt + completion)
+        attention_mask[i, :n] = 1
+        target_mask[i, len(prompt) : n] = True
+    ref = torch.tensor([[r, r_kl] for _, _, r, r_kl in items], dtype=torch.float32)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "target_mask": target_mask,
+            "desirable": torch.tensor([e.desirable for e, _, _, _ in items]), "ref": ref[:, 0], "ref_kl": ref[:, 1]}
+
+
+def completion_logps(module, batch: dict[str, torch.Tensor], rows: slice = slice(None)) -> torch.Tensor:
+    """Summed completion log-probs of the chosen rows of the batch, (rows,), in one forward pass."""
+    token = module(batch["input_ids"][rows], batch["target_mask"][rows], batch["attention_mask"][rows])
+    return token.sum(-1)
+
+
+def implicit_reward_accuracy(rewards: torch.Tensor, desirable: torch.Tensor) -> torch.Tensor:
+    """Fraction of (desirable, undesirable) pairs of examples whose implicit rewards are ordered right,
+    r_desirable > r_undesirable (the ROC AUC of the reward as a classifier; ties count as wrong).
+    Shapes: (N,), (N,) bool -> scalar. Sorting instead of an N_D x N_U matrix keeps it O(N log N)."""
+    good, bad = rewards[desirable].sort().values, rewards[~desirable]
+    if good.numel() == 0 or bad.numel() == 0:
+        return torch.tensor(0.0)
+    beaten = good.numel() - torch.searchsorted(good, bad, right=True)  # desirable rewards above each one
+    return beaten.sum() / (good.numel() * bad.numel())
+
+
+@torch.no_grad()
+def reference_logps(model, items: list[Item], pad_id: int, autocast, batch_size: int = 16,
+                    disable_adapter: bool = False) -> list[Item]:
+    """Items with the reference log-probs of the labelled and the mismatched pair filled in, in one pass."""
+    order = sorted(range(len(items)), key=lambda i: len(items[i][0].prompt_ids) + len(items[i][0].completion_ids))
+    values: dict[int, tuple[float, float]] = {}
+    adapter_off = unwrap_peft_disable(model) if disable_adapter else nullcontext()
+    with adapter_off:
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            batch = collate_unpaired([items[i] for i in idx], pad_id)
+            with autocast():
+                logps = completion_logps(LogprobModel(model), batch)
+            b = len(idx)
+            for k, i in enumerate(idx):
+                values[i] = (float(logps[k]), float(logps[b + k]))
+    return [(e, kl, *values[i]) for i, (e, kl, _, _) in enumerate(items)]
+
+
+def balance_note(examples: list[UnpairedExample], cfg: KTOConfig) -> str | None:
+    """A hint when λ_D·n_D / (λ_U·n_U) is outside the KTO paper's advised range [1, 4/3]."""
+    n_d = sum(e.desirable for e in examples)
+    n_u = len(examples) - n_d
+    if n_d == 0 or n_u == 0:
+        return None
+    ratio = cfg.desirable_weight * n_d / (cfg.undesirable_weight * n_u)
+    if 1.0 <= ratio <= 4 / 3 + 1e-9:
+        return None
+    low = cfg.undesirable_weight * n_u / n_d
+    return (f"alignkit: {n_d} desirable / {n_u} undesirable examples give λ_D·n_D / (λ_U·n_U) = {ratio:.3g}; the KTO "
+            f"paper advises 1 to 4/3 (e.g. --desirable-weight between {low:.3g} and {4 / 3 * low:.3g})")
+
+
+def train(cfg: KTOConfig) -> Path:
+    default_threads()
+    objective = partial(losses.kto_loss, beta=cfg.beta, desirable_weight=cfg.desirable_weight,
+                        undesirable_weight=cfg.undesirable_weight)
+    model, tokenizer = load_model(cfg.model.model, lora=cfg.model.lora_settings(), trust_remote_code=cfg.model.trust_remote_code)
+    pad_id = tokenizer.pad_token_id
+    make = partial(read_examples, make=unpaired_example, tokenizer=tokenizer, max_length=cfg.data.max_length,
+                   skip_invalid=cfg.data.skip_invalid)
+    examples = make(cfg.data.data)
+    eval_examples = make(cfg.data.eval_data) if cfg.data.eval_data else []
+    # the mismatched (prompt, other completion) pairs of the KL estimate, fixed once
+    items = [(e, kl, 0.0, 0.0) for e, kl in zip(examples, mismatched_completions(examples, cfg.train.seed, cfg.data.max_length))]
+    eval_kl = mismatched_completions(eval_examples, cfg.train.seed, cfg.data.max_length) if eval_examples else []
+    eval_items = [(e, kl, 0.0, 0.0) for e, kl in zip(eval_examples, eval_kl)]
+
+    # the reference: a separate model, the base under the LoRA adapter, or the policy before its first update
+    ref_model = load_model(cfg.reference)[0] if cfg.reference else None
+    total = total_steps_for(cfg.train, len(examples), distributed_state().num_processes)
+    engine = Engine(cfg.train, model, tokenizer, total, train_module=LogprobModel(model),
+                    run_config={"algo": "kto", **asdict(cfg)})
+    note = balance_note(examples, cfg)
+    if note and engine.is_main:
+        print(note, file=sys.stderr)
+    ref_source = ref_model if ref_model is not None else model
+    lora_ref = ref_model is None and cfg.model.lora
+    if not cfg.precompute_ref and ref_model is None and not cfg.model.lora:
+        raise ValueError("--no-precompute-ref with full fine-tuning needs --reference MODEL (no second copy is made)")
+    # computed before resume() can load trained weights, so the reference is always the initial policy
+    train_items = reference_logps(ref_source, items, pad_id, engine.autocast, disable_adapter=lora_ref) \
+        if cfg.precompute_ref else items
+    eval_items = reference_logps(ref_source, eval_items, pad_id, engine.autocast, disable_adapter=lora_ref)
+
+    def live_reference(batch: dict) -> None:
+        with torch.no_grad(), (unwrap_peft_disable(model) if lora_ref else nullcontext()):
+            logps = completion_logps(LogprobModel(ref_source), batch)
+        b = logps.shape[0] // 2
+        batch["ref"], batch["ref_kl"] = logps[:b].float(), logps[b:].float()
+
+    def kl_estimate(kl_logps: torch.Tensor, ref_kl: torch.Tensor) -> torch.Tensor:
+        pairs = torch.stack([kl_logps.float(), ref_kl.to(kl_logps.device).float()], dim=1)  # (B, 2)
+        if engine.world_size > 1:  # one z0 for the global micro-batch, as in TRL
+            pairs = engine.accelerator.gather(pairs)
+        return losses.kto_kl_estimate(pairs[:, 0], pairs[:, 1])
+
+    def loss_fn(module, batch):
+        if not cfg.precompute_ref:
+            live_reference(batch)
+        b = batch["desirable"].shape[0]
+        with torch.no_grad():
+            z0 = kl_estimate(completion_logps(module, batch, slice(b, None)), batch["ref_kl"])
+        logps = completion_logps(module, batch, slice(0, b))
+        per_example, metrics = objective(logps, batch["ref"], batch["desirable"], z0)
+        return per_example.sum(), {"loss": per_example.mean().item(), **{k: float(v) for k, v in metrics.items()}}
+
+    @torch.no_grad()
+    def evaluate() -> dict[str, float]:
+        # z0 and the losses over the whole held-out set at once, so its value does not depend on batching
+        logps, kl_logps = [], []
+        for start in range(0, len(eval_items), 16):
+            batch = collate_unpaired(eval_items[start : start + 16], pad_id)
+            with engine.autocast():
+                both = completion_logps(LogprobModel(model), batch)
+            b = both.shape[0] // 2
+            logps.append(both[:b])
+            kl_logps.append(both[b:])
+        logps = torch.cat(logps)
+        ref, ref_kl = (torch.tensor([item[k] for item in eval_items]) for k in (2, 3))
+        desirable = torch.tensor([e.desirable for e, _, _, _ in eval_items])
+        z0 = losses.kto_kl_estimate(torch.cat(kl_logps), ref_kl)
+        per_example, metrics = objective(logps, ref, desirable, z0)
+        accuracy = implicit_reward_accuracy(cfg.beta * (logps - ref), desirable)
+        scores = {"loss": per_example.mean(), **metrics, "rewards/accuracies": accuracy}
+        return {f"eval/{k}": float(v) for k, v in scores.items()}
+
+    collate = partial(collate_unpaired, pad_id=pad_id)
+    report = evaluate if eval_items else None
+    if report is not None and not cfg.train.resume:
+        engine.log(report(), step=0)
+    engine.fit(train_items, collate, loss_fn, lambda batch: batch["desirable"].shape[0], report)
+    if report is not None:
+        final = report()
+        engine.log(final)
+        if engine.is_main:
+            print("held-out: " + ", ".join(f"{k} {v:.4f}" for k, v in final.items() if "accuracies" in k or k == "eval/loss"))
+    path = engine.finish()
+    if engine.is_main:
+        print(f"model saved to {path}")
+    return path

@@ -1,0 +1,214 @@
+"""RAFT: Reward rAnked FineTuning (Dong et al. 2023, https://arxiv.org/abs/2304.06767, Algorithm 1).
+
+Each stage:
+1. sample b prompts (``--prompts-per-step``) and K responses each (``--group-size``, the paper uses K = 8..32)
+   from the current policy at temperature λ (``--temperature``);
+2. keep, per prompt, the response with the highest ranking score
+       s(x, y) = r(x, y) − β · log(π(y|x) / π_0(y|x))
+   (β = ``--kl-beta``, 0 by default: plain reward ranking; the paper's KL-regularised variant, section 3.2),
+   where log π(y|x) = Σ_t log π(y_t | x, y_<t) over the response tokens and π_0 is the initial policy;
+3. fine-tune on the kept (prompt, response) pairs with the SFT loss (``sft_epochs`` passes), then repeat.
+
+The reference π_0 is the LoRA base with the adapter disabled (``--lora``), else a frozen copy of the initial
+weights. Its log-probs also give the per-stage ``kl`` metric: the sequence-level estimate
+E_y[Σ_t log π(y_t|·) − log π_0(y_t|·)] over the stage's samples, with logits divided by λ for both models as in
+the other online trainers. Reward alone hides collapse (LMFlow's RAFT lost half its distinct-2 while the reward
+rose), so distinct-2, response length and KL are logged beside it.
+
+One engine runs the whole job: total optimizer steps = stages × steps per stage, steps per stage =
+sft_epochs × ceil(kept samples per process / (batch_size × grad_accum)); ``--max-steps``/``--epochs`` are not
+used. Checkpoints are written only at stage boundaries (at the end of a stage in which a multiple of
+``--save-steps`` was passed), and a resumed run restarts at the next stage with the same seeded prompts and
+samples, so it reproduces the uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from alignkit.algos.sft import count_targets, sft_loss
+from alignkit.config import DataConfig, ModelConfig, arg
+from alignkit.data import IGNORE, SFTExample
+from alignkit.data.collate import pad_sft
+from alignkit.engine import Engine, TrainConfig, default_threads, distributed_state
+from alignkit.logprobs import LogprobModel
+from alignkit.models import load_model
+from alignkit.online import (
+    RolloutConfig,
+    ScoredRollout,
+    distinct_n,
+    evaluate_policy,
+    prompt_batch,
+    read_prompts,
+    response_logprobs,
+    rollout_and_score,
+    rollout_metrics,
+)
+from alignkit.rewards import load_reward
+
+
+@dataclass
+class RAFTConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=lambda: DataConfig(max_length=256))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=2e-5))
+    rollout: RolloutConfig = field(default_factory=lambda: RolloutConfig(group_size=8))
+    stages: int = arg(10, "RAFT stages: sample, keep the best per prompt, fine-tune")
+    sft_epochs: int = arg(1, "passes over each stage's kept samples")
+    kl_beta: float = arg(0.0, "rank by reward - kl_beta * log(pi/pi_ref) of the whole response; 0: reward only")
+
+
+# ----------------------------------------------------------------------------------------------- selection
+
+
+def ranking_scores(rewards: torch.Tensor, log_ratio: torch.Tensor, kl_beta: float) -> torch.Tensor:
+    """s = r − β · log(π(y|x)/π_0(y|x)), (B,): RAFT's KL-regularised ranking (Dong et al. 2023, section 3.2).
+    ``log_ratio`` is the sequence log-ratio, summed over response tokens."""
+    return rewards if kl_beta == 0 else rewards - kl_beta * log_ratio
+
+
+def select_best(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Row index of the highest score in each group of ``group_size`` consecutive rows: (B,) -> (B / K,).
+    Ties go to the first sample."""
+    groups = scores.view(-1, group_size)  # (G, K)
+    return groups.argmax(-1) + torch.arange(groups.shape[0]) * group_size
+
+
+def kept_examples(scored: ScoredRollout, rows: torch.Tensor) -> list[SFTExample]:
+    """SFT examples (prompt + response, loss on the response only) for the chosen rollout rows."""
+    rollout = scored.rollout
+    out = []
+    for row in rows.tolist():
+        prompt_ids = scored.prompts[row].prompt_ids
+        response_ids = rollout.response_ids[row][rollout.response_mask[row].bool()].tolist()
+        out.append(SFTExample(prompt_ids + response_ids, [IGNORE] * len(prompt_ids) + response_ids, "raft"))
+    return out
+
+
+# -------------------------------------------------------------------------------------------- reference
+
+
+def make_logps_fn(model, reference, temperature: float, autocast, sampled_are_exact: bool):
+    """``fn(rollout) -> (policy, reference)`` token log-probs (B, T) of the responses; ``reference=None`` means
+    the policy's own LoRA base (adapter disabled). With ``sampled_are_exact`` (no top-p/top-k filtering) the
+    sampler's log-probs already are log softmax(logits / λ) of the policy, and the policy forward is skipped."""
+
+    @torch.no_grad()
+    def logps(rollout):
+        with autocast():
+            policy = rollout.logprobs if sampled_are_exact else response_logprobs(LogprobModel(model), rollout, temperature)
+            with model.disable_adapter() if reference is None else nullcontext():
+                ref = response_logprobs(LogprobModel(reference if reference is not None else model), rollout,
+                                        temperature)
+        return policy.float(), ref.float()
+
+    return logps
+
+
+def _mean_across(engine: Engine, metrics: dict[str, float]) -> dict[str, float]:
+    if engine.world_size == 1:
+        return metrics
+    names = sorted(metrics)
+    values = engine.accelerator.reduce(torch.tensor([metrics[n] for n in names], device=engine.device), "mean")
+    return dict(zip(names, values.tolist()))
+
+
+# ------------------------------------------------------------------------------------------------ train
+
+
+def train(cfg: RAFTConfig) -> Path:
+    default_threads()
+    model, tokenizer = load_model(cfg.model.model, lora=cfg.model.lora_settings(), trust_remote_code=cfg.model.trust_remote_code)
+    # π_0 = the initial policy, fixed before resume() can load trained weights
+    reference = None if cfg.model.lora else copy.deepcopy(model).requires_grad_(False)
+    reward = load_reward(cfg.rollout.reward)
+    prompts = read_prompts(cfg.data.data, tokenizer, cfg.data.max_length, cfg.data.skip_invalid)
+    eval_prompts = read_prompts(cfg.data.eval_data, tokenizer, cfg.data.max_length, cfg.data.skip_invalid) \
+        if cfg.data.eval_data and cfg.rollout.eval_prompts else []
+    eval_prompts = eval_prompts[: cfg.rollout.eval_prompts]
+
+    world = distributed_state().num_processes
+    per_stage = min(cfg.rollout.prompts_per_step, len(prompts))
+    if per_stage % world:
+        raise ValueError(f"prompts per stage ({per_stage}) must be divisible by the {world} processes")
+    local = per_stage // world  # kept samples per process and stage
+    steps_per_epoch = math.ceil(local / cfg.train.world_batch)
+    steps_per_stage = cfg.sft_epochs * steps_per_epoch
+    total = cfg.stages * steps_per_stage
+    engine = Engine(cfg.train, model, tokenizer, total, train_module=LogprobModel(model),
+                    run_config={"algo": "raft", **asdict(cfg)})
+    sampling = cfg.rollout.sampling()
+    k = cfg.rollout.group_size
+    logps_fn = make_logps_fn(model, reference, cfg.rollout.temperature, engine.autocast, cfg.rollout.top_p == 1.0)
+
+    def evaluate() -> dict[str, float]:
+        return evaluate_policy(model, tokenizer, eval_prompts, reward, sampling, logps_fn, seed=cfg.train.seed + 1234)
+
+    if eval_prompts and not cfg.train.resume:
+        before = evaluate()
+        engine.log(before, step=0)
+        if engine.is_main:
+            print(f"held-out reward before: {before['eval/reward/mean']:.4f}")
+    if cfg.train.resume:
+        engine.resume()
+    if engine.step % steps_per_stage:
+        raise RuntimeError(f"checkpoint at step {engine.step} is not at a stage boundary ({steps_per_stage} steps per stage)")
+
+    engine.start_progress()
+    for stage in range(engine.step // steps_per_stage, cfg.stages):
+        # 1. sample K responses for this process's share of the stage's prompts (seeded by stage: resumable)
+        batch = prompt_batch(prompts, stage, per_stage, cfg.train.seed)[engine.rank :: world]
+        generator = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + stage * 1_009 + engine.rank)
+        scored = rollout_and_score(model, tokenizer, batch, reward, sampling, k, generator)
+        mask = scored.rollout.response_mask.float()
+        policy, ref = logps_fn(scored.rollout)
+        log_ratio = ((policy - ref) * mask).sum(-1)  # (B,) sequence-level log π/π_0
+
+        # 2. keep the best response per prompt
+        rows = select_best(ranking_scores(scored.rewards, log_ratio, cfg.kl_beta), k)
+        kept = kept_examples(scored, rows)
+        stage_metrics = {
+            **rollout_metrics(scored),
+            "reward/kept": float(scored.rewards[rows].mean()),
+            "kl": float(log_ratio.mean()),
+            "kept/kl": float(log_ratio[rows].mean()),
+            "kept/distinct-2": distinct_n([scored.texts[r] for r in rows.tolist()], 2),
+            "kept/response/length": float(mask[rows].sum(-1).mean()),
+        }
+        stage_metrics = {**_mean_across(engine, stage_metrics), "stage": stage + 1}
+
+        # 3. SFT on the kept samples
+        for epoch in range(cfg.sft_epochs):
+            shuffle = torch.Generator().manual_seed(cfg.train.seed + 7919 * stage + epoch)
+            order = torch.randperm(len(kept), generator=shuffle).tolist()
+            for s in range(steps_per_epoch):
+                chosen = [kept[i] for i in order[s * cfg.train.world_batch : (s + 1) * cfg.train.world_batch]]
+                micro = [pad_sft(chosen[j : j + cfg.train.batch_size], tokenizer.pad_token_id)
+                         for j in range(0, len(chosen), cfg.train.batch_size)]
+                logs = engine.update(micro, sft_loss, count_targets)
+                last = epoch == cfg.sft_epochs - 1 and s == steps_per_epoch - 1
+                engine.log({**logs, **stage_metrics} if last else logs)
+        if engine.is_main and not cfg.train.progress:
+            print(f"stage {stage + 1}/{cfg.stages}: reward {stage_metrics['reward/mean']:.4f} "
+                  f"kept {stage_metrics['reward/kept']:.4f} kl {stage_metrics['kl']:.4f}")
+        save = cfg.train.save_steps
+        if save and engine.step // save > (engine.step - steps_per_stage) // save and engine.step < total:
+            engine.save_checkpoint()
+    engine.close_progress()
+
+    if eval_prompts:
+        after = evaluate()
+        engine.log(after)
+        if engine.is_main:
+            print(f"held-out reward after:  {after['eval/reward/mean']:.4f} (kl {after['eval/kl']:.4f}, "
+                  f"distinct-2 {after['eval/distinct-2']:.3f})")
+    path = engine.finish()
+    if engine.is_main:
+        print(f"model saved to {path}")
+    return path
