@@ -1,0 +1,338 @@
+"""Critic-free online RL: GRPO, RLOO and REINFORCE++ in one loop, chosen once by ``--advantage``.
+
+Each step: take ``prompts_per_step`` prompts, sample ``group_size`` responses each with the current policy, score
+them, turn the scores into advantages, then take ``num_iterations`` passes of clipped policy-gradient updates
+over the rollout (in minibatches of ``batch_size x grad_accum`` rows, one optimizer step each).
+
+Advantages (``alignkit.losses``):
+- grpo: Â_i = (r_i − mean_group r) / std_group r, the same for every token of response i; a group whose rewards
+  are all equal gets exactly 0 (Shao et al. 2024, https://arxiv.org/abs/2402.03300, sec. 4.1.2).
+- rloo: Â_i = R_i − mean_{j≠i} R_j, leave-one-out baseline (Ahmadian et al. 2024, https://arxiv.org/abs/2402.14740).
+- reinforce++: per-token returns G_t = r·[t = last] − β·Σ_{s≥t} (log π − log π_ref)_s, whitened over the whole
+  batch (Hu 2025, https://arxiv.org/abs/2501.03262).
+
+Where the KL to the reference goes (``--kl-in``, default ``auto``):
+- loss (GRPO's choice): + β·k3 per token in the loss, k3 = π_ref/π − log(π_ref/π) − 1 (Shao et al., eq. 3-4).
+  Its gradient is that of the *forward* KL(π_ref ‖ π) at the visited contexts, and group normalisation rescales
+  the rewards per group, so the fixed point is near, not at, the reverse-KL optimum π* ∝ π_ref·exp(r/β).
+- reward (RLOO's and REINFORCE++'s choice): the rewards become r − β·(log π − log π_ref) with the log-probs of
+  the rollout (k1, detached): REINFORCE on that reward follows the gradient of E_π[r] − β·KL(π ‖ π_ref), whose
+  optimum is exactly π* (tests/test_bandit.py checks this on an enumerable bandit).
+
+Costs kept low: the reference is the base model with the LoRA adapter off (no copy), a frozen copy with full
+fine-tuning, or nothing at all when β = 0; with one optimizer step per rollout (``num_iterations`` 1, one
+minibatch) the "old" log-probs equal the current ones, so that extra forward pass is skipped (ρ = 1 in value,
+and the gradient is the same); otherwise they are recomputed with the training forward before any update.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import sys
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from alignkit import losses
+from alignkit.config import DataConfig, ModelConfig, arg
+from alignkit.engine import Engine, TrainConfig, default_threads, distributed_state
+from alignkit.logprobs import LogprobModel
+from alignkit.models import load_model
+from alignkit.online import (
+    RolloutConfig,
+    evaluate_policy,
+    prompt_batch,
+    read_prompts,
+    response_logprobs,
+    rollout_and_score,
+    rollout_metrics,
+)
+from alignkit.rewards import load_reward
+from alignkit.rollout import Rollout
+
+ADVANTAGES = ("grpo", "rloo", "reinforce++")
+AGGREGATIONS = ("token-mean", "seq-mean", "seq-sum")
+
+
+@dataclass
+class GRPOConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=lambda: DataConfig(data="bundled:movie_prompts_train",
+                                                                eval_data="bundled:movie_prompts_test", max_length=256))
+    # max_steps counts rollout steps here; batch_size x grad_accum rows make one optimizer step
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-6, batch_size=32, grad_accum=2, max_steps=100))
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    advantage: str = arg("grpo", "grpo (group mean/std) | rloo (leave-one-out) | reinforce++ (batch-whitened returns)")
+    beta: float = arg(0.04, "β: weight of the KL to the reference; 0 drops the reference model")
+    kl_in: str = arg("auto", "where β·KL goes: loss (k3) | reward (k1, detached) | auto (grpo: loss, else reward)")
+    clip_eps: float = arg(0.2, "ε of the clipped ratio π/π_old")
+    num_iterations: int = arg(1, "passes (PPO epochs) over each rollout")
+    loss_agg: str = arg("token-mean", "token-mean (DAPO) | seq-mean (GRPO paper) | seq-sum (plain REINFORCE)")
+    reference: str = arg("", "reference model; empty: the initial policy")
+
+    def kl_placement(self) -> str:
+        if self.kl_in not in ("auto", "loss", "reward"):
+            raise ValueError(f"--kl-in must be auto, loss or reward, got {self.kl_in!r}")
+        if self.kl_in == "auto":
+            return "loss" if self.advantage == "grpo" else "reward"
+        return self.kl_in
+
+
+@dataclass
+class RLOOConfig(GRPOConfig):
+    advantage: str = arg("rloo", "grpo (group mean/std) | rloo (leave-one-out) | reinforce++ (batch-whitened returns)")
+
+
+# ------------------------------------------------------------------------------------------------ advantages
+AdvantageFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def make_advantage_fn(cfg: GRPOConfig) -> AdvantageFn:
+    """Chosen once: (scores (B,), token KL log π_old − log π_ref (B, T), mask (B, T)) -> advantages (B,) or (B, T).
+    The token KL is all zeros when the KL is not in the reward."""
+    group = cfg.rollout.group_size
+    beta = cfg.beta if cfg.kl_placement() == "reward" else 0.0
+
+    def penalised(scores, token_kl, mask):  # sequence reward r − β·log(π(y)/π_ref(y))
+        return scores - beta * losses.masked_sum(token_kl, mask, dim=-1)
+
+    if cfg.advantage == "grpo":
+        return lambda s, kl, m: losses.group_normalized_advantages(penalised(s, kl, m), group)
+    if cfg.advantage == "rloo":
+        return lambda s, kl, m: losses.rloo_advantages(penalised(s, kl, m), group)
+    if cfg.advantage == "reinforce++":
+
+        def reinforce_pp(scores, token_kl, mask):
+            rewards, _ = losses.kl_penalty_rewards(scores, token_kl, torch.zeros_like(token_kl), mask, beta)
+            return losses.reinforce_pp_advantages(losses.discounted_returns(rewards, mask), mask)
+
+        return reinforce_pp
+    raise ValueError(f"--advantage must be one of {', '.join(ADVANTAGES)}, got {cfg.advantage!r}")
+
+
+# ---------------------------------------------------------------------------------------------- the update
+@dataclass
+class Batch:
+    """Rows of a rollout with everything the loss needs; response tensors (B, T), advantages (B,) or (B, T)."""
+
+    rollout: Rollout
+    advantages: torch.Tensor
+    old_logps: torch.Tensor | None  # None: the policy has not moved since sampling, old = current (detached)
+    ref_logps: torch.Tensor | None  # None: no KL term in the loss
+
+
+def rows(rollout: Rollout, index: torch.Tensor | slice) -> Rollout:
+    """Rows ``index`` of a rollout, with all-padding prompt and response columns trimmed."""
+    prompt_mask, response_mask = rollout.prompt_mask[index], rollout.response_mask[index]
+    first = int((prompt_mask.sum(0) > 0).nonzero()[0]) if prompt_mask.any() else 0
+    width = max(1, int(response_mask.sum(-1).max()))
+    return Rollout(rollout.prompt_ids[index, first:], prompt_mask[:, first:], rollout.response_ids[index, :width],
+                   response_mask[:, :width], rollout.logprobs[index, :width], rollout.ended_with_eos[index])
+
+
+def select(rollout: Rollout, index: torch.Tensor, advantages: torch.Tensor, old: torch.Tensor | None,
+           ref: torch.Tensor | None) -> Batch:
+    """The micro-batch of rows ``index``, per-token tensors cut to its longest response."""
+    part = rows(rollout, index)
+    width = part.response_ids.shape[1]
+
+    def pick(x: torch.Tensor | None) -> torch.Tensor | None:
+        return None if x is None else (x[index, :width] if x.dim() == 2 else x[index])
+
+    return Batch(part, pick(advantages), pick(old), pick(ref))
+
+
+def policy_loss(module, batch: Batch, cfg: GRPOConfig) -> tuple[torch.Tensor, dict[str, float]]:
+    """Summed clipped surrogate (+ β·k3 when the KL is in the loss) of a micro-batch; the engine divides by
+    ``count_items`` over the minibatch, which gives token-mean, seq-mean or seq-sum aggregation."""
+    mask = batch.rollout.response_mask
+    logps = response_logprobs(module, batch.rollout, cfg.rollout.temperature)  # (B, T)
+    old = batch.old_logps if batch.old_logps is not None else logps.detach()
+    if batch.ref_logps is not None:
+        per_token, metrics = losses.grpo_policy_loss(logps, old, batch.ref_logps, batch.advantages, mask,
+                                                     cfg.clip_eps, cfg.beta)
+    else:
+        per_token, metrics = losses.ppo_policy_loss(logps, old, batch.advantages, mask, cfg.clip_eps)
+    if cfg.loss_agg == "seq-mean":
+        total = losses.masked_mean(per_token, mask, dim=-1).sum()
+    else:  # token-mean and seq-sum sum the tokens; they differ in the divisor (count_items)
+        total = losses.masked_sum(per_token, mask)
+    return total, {"loss": total.item() / count_items(batch, cfg), **{k: float(v) for k, v in metrics.items()}}
+
+
+def count_items(batch: Batch, cfg: GRPOConfig) -> int:
+    return int(batch.rollout.response_mask.sum()) if cfg.loss_agg == "token-mean" else batch.rollout.response_mask.shape[0]
+
+
+@torch.no_grad()
+def batched_logprobs(module, rollout: Rollout, temperature: float, batch_size: int, context=nullcontext) -> torch.Tensor:
+    """(B, T) response log-probs in no-grad chunks of ``batch_size`` rows (old policy or reference)."""
+    out = torch.zeros_like(rollout.logprobs)
+    for start in range(0, rollout.response_ids.shape[0], batch_size):
+        part = rows(rollout, slice(start, start + batch_size))
+        with context():
+            out[start : start + part.response_ids.shape[0], : part.response_ids.shape[1]] = \
+                response_logprobs(module, part, temperature).float()
+    return out
+
+
+def grpo_step(engine: Engine, reference: Callable[[Rollout], torch.Tensor] | None, rollout: Rollout,
+              scores: torch.Tensor, cfg: GRPOConfig, advantage_fn: AdvantageFn) -> dict[str, float]:
+    """The update for one scored rollout: advantages, then ``num_iterations`` passes of minibatch optimizer steps.
+
+    ``reference(rollout) -> (B, T)`` gives reference log-probs (None when β = 0); ``scores`` (B,) can come from
+    any source, e.g. a function of token ids in tests. Returns the step's metrics (means over optimizer steps).
+    """
+    mask = rollout.response_mask
+    n_rows = mask.shape[0]
+    minibatch = cfg.train.batch_size * cfg.train.grad_accum
+    if n_rows % minibatch:
+        raise ValueError(f"{n_rows} rollout rows per process do not split into minibatches of {minibatch} "
+                         f"(batch_size {cfg.train.batch_size} x grad_accum {cfg.train.grad_accum})")
+    kl_in = cfg.kl_placement()
+    ref_logps = None
+    if reference is not None and cfg.beta > 0:
+        with engine.autocast():
+            ref_logps = reference(rollout)
+    several_updates = cfg.num_iterations * (n_rows // minibatch) > 1
+    old_logps = None
+    if several_updates or (kl_in == "reward" and ref_logps is not None):
+        with engine.autocast():
+            old_logps = batched_logprobs(engine.module, rollout, cfg.rollout.temperature, cfg.train.batch_size)
+    token_kl = torch.zeros_like(rollout.logprobs)
+    if kl_in == "reward" and ref_logps is not None:
+        token_kl = torch.where(mask.bool(), old_logps - ref_logps, token_kl)
+    advantages = advantage_fn(scores.float(), token_kl, mask)
+    loss_ref = ref_logps if kl_in == "loss" else None
+    # no recomputation when the policy cannot move before the update: old = current, detached
+    loss_old = old_logps if several_updates else None
+
+    def loss_fn(module, batch):
+        return policy_loss(module, batch, cfg)
+
+    sums: dict[str, float] = {}
+    n_updates = 0
+    for _ in range(cfg.num_iterations):
+        order = torch.randperm(n_rows, generator=torch.Generator().manual_seed(cfg.train.seed + engine.step)) \
+            if several_updates else torch.arange(n_rows)
+        for start in range(0, n_rows, minibatch):
+            chosen = order[start : start + minibatch]
+            micro = [select(rollout, chosen[k : k + cfg.train.batch_size], advantages, loss_old, loss_ref)
+                     for k in range(0, minibatch, cfg.train.batch_size)]
+            logs = engine.update(micro, loss_fn, lambda b: count_items(b, cfg))
+            for name, value in logs.items():
+                sums[name] = sums.get(name, 0.0) + value
+            n_updates += 1
+    metrics = {name: value / n_updates for name, value in sums.items()}
+    if kl_in == "reward" and ref_logps is not None:
+        metrics["kl"] = float(losses.masked_mean(token_kl, mask))  # k1, per token, at sampling time
+    metrics["entropy"] = float(-losses.masked_mean(rollout.logprobs, mask))  # −log π of the sampled tokens
+    return metrics
+
+
+# --------------------------------------------------------------------------------------------- the reference
+def make_reference(cfg: GRPOConfig, model, device: torch.device | None = None) -> Callable[[Rollout], torch.Tensor] | None:
+    """Reference log-probs (B, T) of a rollout: the base model under the LoRA adapter, a frozen copy of the
+    initial policy (call this before any update), a separate model, or None when β = 0 (nothing is held)."""
+    if cfg.beta == 0:
+        return None
+    if cfg.reference:
+        ref_model, context = load_model(cfg.reference)[0].eval().to(device), nullcontext
+    elif cfg.model.lora:
+        ref_model, context = model, model.disable_adapter
+    else:
+        ref_model, context = copy.deepcopy(model).eval().to(device), nullcontext
+        ref_model.requires_grad_(False)
+    ref_module = LogprobModel(ref_model)
+    return lambda rollout: batched_logprobs(ref_module, rollout, cfg.rollout.temperature, cfg.train.batch_size, context)
+
+
+# ------------------------------------------------------------------------------------------------ training
+def train(cfg: GRPOConfig) -> Path:
+    default_threads()
+    if cfg.loss_agg not in AGGREGATIONS:
+        raise ValueError(f"--loss-agg must be one of {', '.join(AGGREGATIONS)}, got {cfg.loss_agg!r}")
+    advantage_fn = make_advantage_fn(cfg)
+    model, tokenizer = load_model(cfg.model.model, lora=cfg.model.lora_settings(), trust_remote_code=cfg.model.trust_remote_code)
+    prompts = read_prompts(cfg.data.data, tokenizer, cfg.data.max_length, cfg.data.skip_invalid)
+    eval_prompts = []
+    if cfg.data.eval_data and cfg.rollout.eval_prompts > 0:
+        eval_prompts = read_prompts(cfg.data.eval_data, tokenizer, cfg.data.max_length, cfg.data.skip_invalid)
+        eval_prompts = eval_prompts[: cfg.rollout.eval_prompts]
+    reward = load_reward(cfg.rollout.reward)
+
+    world = distributed_state().num_processes
+    if cfg.rollout.prompts_per_step % world:
+        raise ValueError(f"prompts_per_step {cfg.rollout.prompts_per_step} must be a multiple of {world} processes")
+    local_prompts = cfg.rollout.prompts_per_step // world
+    local_rows = local_prompts * cfg.rollout.group_size
+    minibatch = cfg.train.batch_size * cfg.train.grad_accum
+    if local_rows % minibatch:
+        raise ValueError(f"{local_rows} rows per process per step do not split into minibatches of {minibatch}")
+    updates_per_step = cfg.num_iterations * local_rows // minibatch
+    steps = cfg.train.max_steps if cfg.train.max_steps > 0 else \
+        max(1, math.ceil(cfg.train.epochs * len(prompts) / cfg.rollout.prompts_per_step))
+
+    engine = Engine(cfg.train, model, tokenizer, steps * updates_per_step, train_module=LogprobModel(model),
+                    run_config={"algo": cfg.advantage, **asdict(cfg)})
+    # before any update or resume, so the reference is the initial policy
+    reference = make_reference(cfg, model, engine.device)
+    sampling = cfg.rollout.sampling()
+
+    def ref_pair(rollout: Rollout):
+        with engine.autocast():
+            policy = batched_logprobs(LogprobModel(model), rollout, cfg.rollout.temperature, cfg.train.batch_size)
+            return policy, reference(rollout)
+
+    def evaluate() -> dict[str, float]:
+        return evaluate_policy(model, tokenizer, eval_prompts, reward, sampling, ref_pair if reference else None)
+
+    if cfg.train.resume:
+        engine.resume()
+    elif eval_prompts:
+        before = evaluate()
+        engine.log(before, step=0)
+        if engine.is_main:
+            print("held-out before: " + _summary(before))
+    engine.start_progress()
+    step = engine.step // updates_per_step
+    while step < steps:
+        started = time.time()
+        batch_prompts = prompt_batch(prompts, step, cfg.rollout.prompts_per_step, cfg.train.seed)
+        mine = batch_prompts[engine.rank * local_prompts : (engine.rank + 1) * local_prompts]
+        # seeded by step and rank, so a resumed run samples what the uninterrupted one would have
+        generator = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + step * 7_919 + engine.rank)
+        scored = rollout_and_score(model, tokenizer, mine, reward, sampling, cfg.rollout.group_size, generator)
+        sampled = time.time()
+        logs = grpo_step(engine, reference, scored.rollout, scored.rewards, cfg, advantage_fn)
+        logs.update(rollout_metrics(scored))
+        logs["time/rollout"], logs["time/update"] = sampled - started, time.time() - sampled
+        step += 1
+        if cfg.train.eval_steps and eval_prompts and step % cfg.train.eval_steps == 0:
+            logs.update(evaluate())
+        engine.log(logs)
+        if cfg.train.save_steps and step % cfg.train.save_steps == 0 and step < steps:
+            engine.save_checkpoint()
+    engine.close_progress()
+    if eval_prompts:
+        after = evaluate()
+        engine.log(after)
+        if engine.is_main:
+            print("held-out after:  " + _summary(after))
+    path = engine.finish()
+    if engine.is_main:
+        print(f"model saved to {path}")
+    return path
+
+
+def _summary(metrics: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k in ("eval/reward/mean", "eval/kl", "eval/distinct-2"))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit("run it as: alignkit grpo --help")
