@@ -18,6 +18,7 @@ from typing import Any
 # command -> (module, config class, entry function); each module is imported only when its command runs
 ALGORITHMS = {
     "sft": ("alignkit.algos.sft", "SFTConfig", "train", "supervised fine-tuning (completion-only loss)"),
+    "rm": ("alignkit.algos.rm", "RMConfig", "train", "reward model (Bradley-Terry pairs, K-way rankings, soft labels)"),
     "dpo": ("alignkit.algos.dpo", "DPOConfig", "train", "DPO and its family: cDPO, IPO, hinge, robust, SimPO, ORPO"),
     "kto": ("alignkit.algos.kto", "KTOConfig", "train", "KTO: alignment from unpaired completions labelled desirable or undesirable"),
     "rrhf": ("alignkit.algos.rrhf", "RRHFConfig", "train", "RRHF: rank K scored responses per prompt, plus SFT on the best"),

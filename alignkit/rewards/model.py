@@ -90,7 +90,13 @@ class RewardModelSource:
 
             path = resolve(str(model))
             tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(path)
-            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
+            if os.path.exists(os.path.join(path, "adapter_config.json")):
+                # a LoRA reward model: the plain class would drop the trained adapter and score head
+                from peft import AutoPeftModelForSequenceClassification
+
+                model = AutoPeftModelForSequenceClassification.from_pretrained(path, num_labels=1).merge_and_unload()
+            else:
+                model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
         if tokenizer is None:
             raise ValueError("a loaded reward model needs its tokenizer")
         self.model = model.eval()

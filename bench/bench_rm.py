@@ -1,0 +1,207 @@
+"""alignkit's reward-model trainer vs TRL's RewardTrainer, side by side in one run, same pairs, init and schedule.
+
+    .venv/bin/python bench/bench_rm.py [--models tiny,smollm2] [--pairs 64] [--threads N] [--trl-defaults tiny]
+
+Workload (issue #3): 64 preference pairs (bundled instruction prompts, chat-formatted; chosen = the reference answer,
+rejected = the answer to another question, so lengths vary), max length 128, batch 8, one epoch, full fine-tune, on
+SmolLM2-135M and on a tiny 2-layer/128-wide llama with the SmolLM2 vocabulary.
+
+Both trainers start from the same saved sequence-classification checkpoint (one random score head), read the same
+token ids in the same order (TRL gets alignkit's ids pre-tokenised and a sequential sampler over alignkit's
+shuffle), with the same AdamW, learning rate, cosine schedule and clipping, so their per-step losses must agree up
+to rounding; the script checks that. TRL runs at its fastest setting on this machine: no gradient checkpointing,
+bf16 only where the CPU has native bf16 (like alignkit's ``mixed_precision=auto``); ``--trl-defaults`` also runs
+it with its defaults (gradient checkpointing on, bf16 on) on the models named. Each run is its own process, so
+peak RSS is its own. Timings on a shared machine are noisy: the load average is printed next to them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+LR = 1e-5
+MAX_LENGTH = 128
+BATCH = 8
+SEED = 0
+
+
+def make_pairs(n: int, max_length: int, seed: int = 0) -> list[dict]:
+    """n chat-formatted pairs of at most ``max_length`` tokens (SmolLM2 template)."""
+    from alignkit.data import load_records, preference_example
+    from alignkit.data.records import Record
+    from alignkit.models import load_tokenizer
+
+    tokenizer = load_tokenizer("smollm2-135m")
+    conversations = [r.data["messages"] for r in load_records("bundled:instructions_train")]
+    rng = random.Random(seed)
+    rows = []
+    while len(rows) < n:
+        question, other = rng.sample(conversations, 2)
+        row = {"prompt": question[:-1], "chosen": question[-1:], "rejected": other[-1:]}
+        example = preference_example(Record(row, "bench"), tokenizer, None)
+        if len(example.prompt_ids) + max(len(example.chosen_ids), len(example.rejected_ids)) <= max_length:
+            rows.append(row)
+    return rows
+
+
+def init_checkpoint(name: str, out: Path) -> Path:
+    """A sequence-classification checkpoint (fresh seeded score head, distinct pad token) that both trainers load."""
+    from alignkit.algos.rm import load_reward_model
+    from alignkit.models import tiny_causal_lm
+
+    source = "smollm2-135m"
+    if name == "tiny":
+        model, tokenizer = tiny_causal_lm(num_layers=2, hidden_size=128)
+        source = str(out / "tiny-lm")
+        model.save_pretrained(source)
+        tokenizer.save_pretrained(source)
+    torch.manual_seed(SEED)
+    model, tokenizer = load_reward_model(source)
+    path = out / f"init-{name}"
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------- the workers
+
+
+def run_alignkit(init: str, data: str, out: str) -> dict:
+    from alignkit.algos import rm
+    from alignkit.config import DataConfig, ModelConfig
+    from alignkit.engine import TrainConfig
+
+    cfg = rm.RMConfig(
+        model=ModelConfig(model=init),
+        data=DataConfig(data=data, max_length=MAX_LENGTH),
+        train=TrainConfig(output_dir=out, epochs=1, batch_size=BATCH, lr=LR, schedule="cosine", seed=SEED,
+                          report_to="none", progress=False),
+    )
+    start = time.perf_counter()
+    rm.train(cfg)
+    total = time.perf_counter() - start
+    logs = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    steps = [m for m in logs if "loss" in m]
+    return {"losses": [m["loss"] for m in steps], "train_s": steps[-1]["time"], "total_s": total}
+
+
+def run_trl(init: str, data: str, out: str, defaults: bool) -> dict:
+    from datasets import Dataset
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from trl import RewardConfig, RewardTrainer
+
+    from alignkit.algos.rm import rm_example
+    from alignkit.data import read_examples
+    from alignkit.models import bf16_is_fast
+
+    start = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(init)
+    examples = read_examples(data, rm_example, tokenizer, MAX_LENGTH)
+    # alignkit's order for epoch 0, fed to TRL through a sequential sampler
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(SEED)).tolist()
+    dataset = Dataset.from_dict({
+        "chosen_ids": [examples[i].prompt_ids + examples[i].chosen_ids for i in order],
+        "rejected_ids": [examples[i].prompt_ids + examples[i].rejected_ids for i in order],
+    })
+    model = AutoModelForSequenceClassification.from_pretrained(init, num_labels=1, dtype=torch.float32)
+    speed = {} if defaults else {"gradient_checkpointing": False, "bf16": bf16_is_fast()}
+    args = RewardConfig(output_dir=out, per_device_train_batch_size=BATCH, num_train_epochs=1, learning_rate=LR,
+                        lr_scheduler_type="cosine", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
+                        max_length=MAX_LENGTH, seed=SEED, logging_steps=1, save_strategy="no", report_to=[],
+                        use_cpu=True, dataloader_num_workers=0, disable_tqdm=True,
+                        train_sampling_strategy="sequential", **speed)
+    trainer = RewardTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+    train_start = time.perf_counter()
+    trainer.train()
+    end = time.perf_counter()
+    losses = [m["loss"] for m in trainer.state.log_history if "loss" in m]
+    return {"losses": losses, "train_s": end - train_start, "total_s": end - start,
+            "setting": f"gradient_checkpointing={args.gradient_checkpointing}, bf16={args.bf16}"}
+
+
+def worker(args: argparse.Namespace) -> None:
+    if args.worker == "alignkit":
+        result = run_alignkit(args.init, args.data, args.out)
+    else:
+        result = run_trl(args.init, args.data, args.out, defaults=args.worker == "trl-defaults")
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["cpu_s"] = time.process_time()
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+# ------------------------------------------------------------------------------------------------ the driver
+
+
+def launch(kind: str, init: Path, data: Path, out: Path, threads: int) -> dict:
+    command = [sys.executable, __file__, "--worker", kind, "--init", str(init), "--data", str(data), "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
+    load = os.getloadavg()[0]
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if done.returncode or not lines:
+        raise RuntimeError(f"{kind} failed:\n{done.stderr[-3000:]}")
+    return {**json.loads(lines[-1][len("RESULT "):]), "load": (load + os.getloadavg()[0]) / 2}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--models", default="tiny,smollm2")
+    parser.add_argument("--pairs", type=int, default=64)
+    parser.add_argument("--trl-defaults", default="", help="models (e.g. tiny) on which TRL also runs with its defaults")
+    parser.add_argument("--tolerance", type=float, default=0.02, help="largest per-step loss difference accepted")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads per run (0: torch's default); 1 avoids OpenMP stalls on a busy machine")
+    parser.add_argument("--worker", choices=["alignkit", "trl", "trl-defaults"], help=argparse.SUPPRESS)
+    parser.add_argument("--init", help=argparse.SUPPRESS)
+    parser.add_argument("--data", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        return worker(args)
+
+    from alignkit.models import bf16_is_fast
+
+    work = Path(tempfile.mkdtemp(prefix="bench-rm-"))
+    data = work / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in make_pairs(args.pairs, MAX_LENGTH)))
+    print(f"{args.pairs} pairs, batch {BATCH}, max length {MAX_LENGTH}, 1 epoch, lr {LR}; {os.cpu_count()} CPUs, "
+          f"torch threads {args.threads or torch.get_num_threads()}, "
+          f"bf16 {'native' if bf16_is_fast() else 'emulated (off)'}, load average {os.getloadavg()[0]:.1f}")
+    ok = True
+    for name in args.models.split(","):
+        init = init_checkpoint(name, work)
+        kinds = ["trl", "alignkit"] + (["trl-defaults"] if name in args.trl_defaults.split(",") else [])
+        results = {kind: launch(kind, init, data, work / f"{kind}-{name}", args.threads) for kind in kinds}
+        ours = results["alignkit"]
+        for kind, r in results.items():
+            label = {"alignkit": "alignkit", "trl": "TRL best", "trl-defaults": "TRL defaults"}[kind]
+            ratio = "" if kind == "alignkit" else f"  alignkit is {r['train_s'] / ours['train_s']:.2f}x faster"
+            print(f"[{name}] {label:12s} train {r['train_s']:7.1f} s ({args.pairs / r['train_s']:6.2f} pairs/s), "
+                  f"process {r['total_s']:7.1f} s, CPU {r['cpu_s']:7.1f} s, peak RSS {r['peak_rss_mb']:6.0f} MB, "
+                  f"load {r['load']:.1f}{ratio}" + (f"  [{r['setting']}]" if "setting" in r else ""))
+        for kind in [k for k in results if k != "alignkit"]:
+            theirs = results[kind]["losses"]
+            diff = max(abs(a - b) for a, b in zip(ours["losses"], theirs, strict=True))
+            agree = diff <= args.tolerance and len(theirs) == len(ours["losses"])
+            ok &= agree
+            print(f"[{name}] per-step loss, alignkit vs {kind}: max |diff| {diff:.4f} over {len(theirs)} steps "
+                  f"({'agree' if agree else 'DISAGREE'})\n  alignkit {[round(x, 4) for x in ours['losses']]}\n"
+                  f"  {kind:8s} {[round(x, 4) for x in theirs]}")
+    shutil.rmtree(work, ignore_errors=True)
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()
