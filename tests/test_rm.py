@@ -314,6 +314,12 @@ def test_lora_reward_model_saves_adapter_and_head(tiny_model_dir, tmp_path):
     with torch.no_grad():
         first, second = (rm._rewards(rm.ScoreModel(rm.load_reward_model(str(tmp_path / "run"))[0]), batch) for _ in range(2))
     torch.testing.assert_close(first, second, atol=1e-6, rtol=0)
+    # the RL-side scorer loads the same trained head (a plain AutoModelForSequenceClassification would not)
+    from alignkit.rewards import RewardModelSource
+
+    source = RewardModelSource(str(tmp_path / "run"))
+    head = next(w for k, w in weights.items() if "score" in k and "weight" in k)
+    assert torch.equal(source.model.score.weight, head)
 
 
 def test_mixed_pairs_and_rankings_are_rejected(tiny_rm):
