@@ -25,6 +25,7 @@ import torch
 from alignkit import losses
 from alignkit.config import DataConfig, ModelConfig, arg
 from alignkit.data import PreferenceExample, preference_example, read_examples
+from alignkit.data.collate import pad_prompt_completions
 from alignkit.engine import Engine, TrainConfig, default_threads, distributed_state, total_steps_for
 from alignkit.logprobs import LogprobModel
 from alignkit.models import load_model
@@ -78,15 +79,7 @@ def make_objective(cfg: DPOConfig) -> Callable[[PairLogps], tuple[torch.Tensor, 
 def collate_pairs(items: list[tuple[PreferenceExample, float, float]], pad_id: int) -> dict[str, torch.Tensor]:
     """Chosen rows then rejected rows, right-padded: (2B, L) input_ids / attention_mask / target_mask."""
     rows = [(e.prompt_ids, e.chosen_ids) for e, _, _ in items] + [(e.prompt_ids, e.rejected_ids) for e, _, _ in items]
-    length = max(len(p) + len(c) for p, c in rows)
-    input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
-    target_mask = torch.zeros((len(rows), length), dtype=torch.bool)
-    for i, (prompt, completion) in enumerate(rows):
-        n = len(prompt) + len(completion)
-        input_ids[i, :n] = torch.tensor(prompt + completion)
-        attention_mask[i, :n] = 1
-        target_mask[i, len(prompt) : n] = True
+    input_ids, attention_mask, target_mask = pad_prompt_completions(rows, pad_id)
     ref = torch.tensor([[c, r] for _, c, r in items], dtype=torch.float32)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "target_mask": target_mask,
             "ref_chosen": ref[:, 0], "ref_rejected": ref[:, 1]}

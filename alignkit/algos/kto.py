@@ -36,6 +36,7 @@ from alignkit import losses
 from alignkit.algos.dpo import unwrap_peft_disable
 from alignkit.config import DataConfig, ModelConfig, arg
 from alignkit.data import UnpairedExample, read_examples, unpaired_example
+from alignkit.data.collate import pad_prompt_completions
 from alignkit.engine import Engine, TrainConfig, default_threads, distributed_state, total_steps_for
 from alignkit.logprobs import LogprobModel
 from alignkit.models import load_model
@@ -69,15 +70,7 @@ def mismatched_completions(examples: list[UnpairedExample], seed: int, max_lengt
 def collate_unpaired(items: list[Item], pad_id: int) -> dict[str, torch.Tensor]:
     """Labelled rows then mismatched rows, right-padded: (2B, L) input_ids / attention_mask / target_mask."""
     rows = [(e.prompt_ids, e.completion_ids) for e, _, _, _ in items] + [(e.prompt_ids, kl) for e, kl, _, _ in items]
-    length = max(len(p) + len(c) for p, c in rows)
-    input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
-    target_mask = torch.zeros((len(rows), length), dtype=torch.bool)
-    for i, (prompt, completion) in enumerate(rows):
-        n = len(prompt) + len(completion)
-        input_ids[i, :n] = torch.tensor(prompt + completion)
-        attention_mask[i, :n] = 1
-        target_mask[i, len(prompt) : n] = True
+    input_ids, attention_mask, target_mask = pad_prompt_completions(rows, pad_id)
     ref = torch.tensor([[r, r_kl] for _, _, r, r_kl in items], dtype=torch.float32)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "target_mask": target_mask,
             "desirable": torch.tensor([e.desirable for e, _, _, _ in items]), "ref": ref[:, 0], "ref_kl": ref[:, 1]}

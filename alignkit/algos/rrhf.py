@@ -25,6 +25,7 @@ import torch
 from alignkit import losses
 from alignkit.config import DataConfig, ModelConfig, arg
 from alignkit.data import DataError, RankedExample, Record, build_examples, load_records, ranked_example
+from alignkit.data.collate import pad_prompt_completions
 from alignkit.engine import Engine, TrainConfig, default_threads, distributed_state, total_steps_for
 from alignkit.logprobs import LogprobModel
 from alignkit.models import load_model
@@ -109,15 +110,7 @@ def collate_ranked(examples: list[RankedExample], pad_id: int) -> dict[str, torc
         index[b, : len(e.responses_ids)] = torch.arange(len(rows), len(rows) + len(e.responses_ids))
         scores[b, : len(e.scores)] = torch.tensor(e.scores)
         rows += [(e.prompt_ids, r) for r in e.responses_ids]
-    length = max(len(p) + len(c) for p, c in rows)
-    input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
-    target_mask = torch.zeros((len(rows), length), dtype=torch.bool)
-    for i, (prompt, completion) in enumerate(rows):
-        n = len(prompt) + len(completion)
-        input_ids[i, :n] = torch.tensor(prompt + completion)
-        attention_mask[i, :n] = 1
-        target_mask[i, len(prompt) : n] = True
+    input_ids, attention_mask, target_mask = pad_prompt_completions(rows, pad_id)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "target_mask": target_mask,
             "index": index, "scores": scores}
 

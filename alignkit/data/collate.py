@@ -62,3 +62,20 @@ def collate_packed(rows: list[list[SFTExample]], pad_id: int) -> dict[str, torch
         # trailing padding is its own "sequence" (positions restart), so it attends only to itself
         position_ids[r, start:] = torch.arange(length - start)
     return {"input_ids": input_ids, "position_ids": position_ids, "labels": labels}
+
+
+def pad_prompt_completions(
+    rows: list[tuple[list[int], list[int]]], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(prompt ids, completion ids) rows -> right-padded (N, L) input_ids, attention_mask, and target_mask
+    (True on completion tokens): the batch layout of every preference-style trainer."""
+    length = max(len(p) + len(c) for p, c in rows)
+    input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+    target_mask = torch.zeros((len(rows), length), dtype=torch.bool)
+    for i, (prompt, completion) in enumerate(rows):
+        n = len(prompt) + len(completion)
+        input_ids[i, :n] = torch.tensor(prompt + completion)
+        attention_mask[i, :n] = 1
+        target_mask[i, len(prompt) : n] = True
+    return input_ids, attention_mask, target_mask
