@@ -6,11 +6,12 @@ log-prob of every sampled token under the distribution it was drawn from.
 Two decoders share one sampling rule (`next_token`):
 
 * a plain-torch decoder for llama-style models (Llama, Mistral, Qwen2: RMSNorm, rotary, GQA, SwiGLU), also
-  under peft (LoRA deltas are merged into a temporary copy of the weights). It fuses the Q/K/V and the
-  gate/up projections into one matmul each, preallocates the KV cache and the attention mask, precomputes
-  the rotary tables, prefills the prompts in length-sorted row chunks (little padding computed, and a prompt
-  repeated in the batch, as in GRPO groups, is prefilled once), runs the LM head only on the last position,
-  and drops finished rows from the batch once half of them have ended;
+  under peft (LoRA deltas are merged into a temporary copy of the weights). It preallocates the KV cache
+  and the attention mask, precomputes the rotary tables, and saves prefill work three ways: the prefix all
+  prompts share (a chat template's system turn) runs once, a prompt repeated in the batch (a GRPO group)
+  runs once, and the rest runs in length-sorted row chunks with little padding; the LM head sees only the
+  last position. Q/K/V and gate/up projections are fused into one matmul each when the weights are
+  converted anyway (bf16); finished rows leave the batch once half of them have ended.
 * a generic loop over any Hugging Face causal LM with its own KV cache, for everything else.
 
 Decoding is exact: in fp32 the plain-torch decoder gives the same greedy tokens as `model.generate` and the
@@ -31,7 +32,7 @@ from torch import Tensor
 # Rows of the prefill are processed in chunks of about this many tokens: big enough for efficient matmuls,
 # small enough to keep the (rows, length, intermediate) MLP activations in cache-friendly sizes.
 PREFILL_CHUNK_TOKENS = 2048
-LM_HEAD_SLICE = 1024  # vocabulary rows per LM-head matmul (see _LlamaDecoder._logits)
+LM_HEAD_SLICE = 2048  # vocabulary rows per LM-head matmul (see _LlamaDecoder._logits)
 _FAST_MODEL_TYPES = ("llama", "mistral", "qwen2")
 _DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 
@@ -40,12 +41,16 @@ _DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 class SamplingConfig:
     max_new_tokens: int = 32  # length cap of a response, EOS included
     min_new_tokens: int = 0  # EOS is banned before this many tokens (HF's min_new_tokens)
-    temperature: float = 1.0  # logits are divided by it before softmax (ignored by the argmax of greedy)
+    temperature: float = 1.0  # logits are divided by it before softmax (the argmax of greedy ignores it)
     top_p: float = 1.0  # nucleus: smallest set of most likely tokens with mass >= top_p; 1.0 = off
     top_k: int = 0  # keep the k most likely tokens; 0 = off
     greedy: bool = False  # argmax instead of sampling
     dtype: str = "auto"  # "auto" = bf16 where the CPU/GPU has fast bf16, else fp32; "bf16"; "fp32"; "model"
     fast: bool = True  # use the plain-torch decoder when the architecture allows it
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1 or self.temperature <= 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise ValueError(f"need max_new_tokens >= 1, temperature > 0, 0 < top_p <= 1, top_k >= 0: {self}")
 
 
 @dataclass
@@ -313,7 +318,8 @@ def _fast_path_unsupported(model: torch.nn.Module, total_len: int) -> str | None
     if hasattr(layer.self_attn, "q_norm") or getattr(layer.self_attn, "is_causal", True) is not True:
         return "attention variant"
     for module in model.modules():
-        if hasattr(module, "base_layer") and not _plain_lora(module):
+        # peft's modules_to_save / trainable-token wrappers keep an `original_module`
+        if hasattr(module, "original_module") or (hasattr(module, "base_layer") and not _plain_lora(module)):
             return f"adapter {type(module).__name__}"
     return None
 
@@ -349,10 +355,10 @@ def _projections(modules: list[torch.nn.Module], dtype: torch.dtype) -> list[tup
     pairs = [_weight(m) for m in modules]
     if all(w.dtype == dtype for w, _ in pairs):
         return pairs
-    weight = torch.cat([w for w, _ in pairs], dim=0).to(dtype)
+    weight = torch.cat([w.to(dtype) for w, _ in pairs], dim=0)
     if all(b is None for _, b in pairs):
         return [(weight, None)]
-    bias = torch.cat([b if b is not None else w.new_zeros(w.shape[0]) for w, b in pairs]).to(dtype)
+    bias = torch.cat([(b if b is not None else w.new_zeros(w.shape[0])).to(dtype) for w, b in pairs])
     return [(weight, bias)]
 
 
