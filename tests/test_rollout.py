@@ -64,14 +64,15 @@ def responses(rollout: Rollout) -> list[list[int]]:
     return [r[m.bool()].tolist() for r, m in zip(rollout.response_ids, rollout.response_mask)]
 
 
-def forward_logprobs(model, rollout: Rollout, temperature: float = 1.0) -> torch.Tensor:
-    """log softmax(logits / temperature) of the response tokens from one forward over prompt + response."""
+def forward_logprobs(model, rollout: Rollout, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0):
+    """Log-probs of the response tokens from one forward over prompt + response, under the filtered
+    distribution log softmax(filter(logits / temperature))."""
     ids, mask = rollout.input_ids, rollout.attention_mask
     position = (mask.cumsum(1) - 1).clamp(min=0)
     with torch.no_grad():
         logits = model(input_ids=ids, attention_mask=mask, position_ids=position).logits.float()
     width = rollout.prompt_ids.shape[1]
-    logp = (logits[:, width - 1 : -1] / temperature).log_softmax(-1)
+    logp = filter_logits(logits[:, width - 1 : -1], temperature, top_k, top_p).log_softmax(-1)
     return logp.gather(-1, rollout.response_ids[..., None]).squeeze(-1) * rollout.response_mask
 
 
@@ -123,17 +124,19 @@ def test_greedy_equals_hf_generate_fp32(fast):
     assert rollout.prompt_ids[2].tolist() == [PAD] * 8 + chat_like_prompts()[2]  # left padding
 
 
-def test_fast_path_logprobs_equal_hf_forward():
-    """Sampled at temperature 1 (plain softmax) and 0.7 (log softmax(logits / 0.7)): the decoder's log-probs
-    equal those of one HF forward over the finished sequences."""
+@pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, 0, 1.0), (0.7, 0, 1.0), (1.3, 20, 0.8)])
+def test_fast_path_logprobs_equal_hf_forward(temperature, top_k, top_p):
+    """The decoder's log-probs equal those of one HF forward over the finished sequences: the plain softmax,
+    log softmax(logits / 0.7), and with top-k / top-p filtering the renormalised filtered distribution."""
     model = tiny_llama()
-    for temperature in (1.0, 0.7):
-        config = SamplingConfig(max_new_tokens=12, temperature=temperature, **FP32)
-        rollout = sample(model, chat_like_prompts(), config, eos_token_id=1, pad_token_id=PAD,
-                         generator=torch.Generator().manual_seed(1))
-        assert rollout.response_mask.sum() > 30
-        expected = forward_logprobs(model, rollout, temperature)
-        torch.testing.assert_close(rollout.logprobs, expected, atol=1e-4, rtol=0)
+    config = SamplingConfig(max_new_tokens=12, temperature=temperature, top_k=top_k, top_p=top_p, **FP32)
+    rollout = sample(model, chat_like_prompts(), config, eos_token_id=1, pad_token_id=PAD,
+                     generator=torch.Generator().manual_seed(1))
+    assert rollout.response_mask.sum() > 30
+    expected = forward_logprobs(model, rollout, temperature, top_k, top_p)
+    torch.testing.assert_close(rollout.logprobs, expected, atol=1e-4, rtol=0)
+    if top_p < 1.0:  # the filter mattered: some log-probs exceed the unfiltered ones
+        assert (rollout.logprobs - forward_logprobs(model, rollout, temperature)).gt(1e-3).any()
 
 
 def test_generic_path_logprobs_equal_hf_forward():
@@ -171,19 +174,18 @@ def test_stop_at_eos_masks_and_early_stop():
 
 
 def test_finished_rows_dropped_mid_batch_still_match_hf():
-    """EOS = the first greedy token of most rows: they end at step 0, so the decoder compacts its batch
-    (and cache) to the remaining rows, which must continue exactly as in HF generate."""
+    """EOS = the first greedy token of most rows: 5 of 9 end at step 0, so the decoder compacts its batch and
+    cache to the 4 scattered survivors (rows 1, 4, 5, 8), which must continue exactly as in HF generate."""
     model = tiny_llama(seed=2)
     prompts = chat_like_prompts() + [[4, 3, 2], [9, 9, 9, 9], [7]]
     free = sample(model, prompts, SamplingConfig(max_new_tokens=8, greedy=True, **FP32), eos_token_id=[],
                   pad_token_id=PAD)
     first = free.response_ids[:, 0].tolist()
-    keep_going = [b for b in range(len(prompts)) if first[b] == first[-1]]  # rows sharing the last one's token
-    eos = sorted(set(first) - {first[-1]})
+    eos = sorted(set(first) - {first[1], first[4], first[8]})
     rollout = sample(model, prompts, SamplingConfig(max_new_tokens=8, greedy=True, **FP32), eos_token_id=eos,
                      pad_token_id=PAD)
-    ended_at_once = int((rollout.response_mask.sum(1) == 1).sum())
-    assert ended_at_once == len(prompts) - len(keep_going) >= len(prompts) // 2
+    survivors = (rollout.response_mask.sum(1) > 1).nonzero().squeeze(1).tolist()
+    assert survivors == [1, 4, 5, 8]  # row 5 repeats row 1's prompt
     assert responses(rollout) == hf_greedy(model, rollout, 8, eos=eos)
 
 
