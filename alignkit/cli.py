@@ -28,6 +28,8 @@ ALGORITHMS = {
     "raft": ("alignkit.algos.raft", "RAFTConfig", "train",
              "RAFT: sample K per prompt, keep the best by reward (optionally minus beta*KL), SFT on it, repeat"),
     "bon": ("alignkit.algos.bon", "BoNConfig", "run", "best-of-N sampling baseline (no training); KL = log N - (N-1)/N"),
+    "evaluate": ("alignkit.evaluate", "EvalConfig", "run",
+                 "score a policy's samples on held-out prompts: reward, KL to the reference, distinct-2, length"),
 }
 
 

@@ -5,6 +5,7 @@ length) beside the reward.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -108,17 +109,49 @@ def rollout_metrics(scored: ScoredRollout, prefix: str = "") -> dict[str, float]
 
 @torch.no_grad()
 def evaluate_policy(model, tokenizer, prompts: list[PromptExample], reward: RewardSource, sampling: SamplingConfig,
-                    ref_logps_fn=None, seed: int = 1234) -> dict[str, float]:
-    """Mean reward, distinct-2, length (and KL to the reference when ``ref_logps_fn`` is given) of samples on
-    held-out prompts, with a fixed sampling seed so before/after numbers are comparable."""
-    scored = rollout_and_score(model, tokenizer, prompts, reward, sampling, 1, torch.Generator().manual_seed(seed))
+                    ref_logps_fn=None, seed: int = 1234, samples_per_prompt: int = 1,
+                    batch_prompts: int = 0) -> dict[str, float]:
+    """Mean reward, distinct-2, length (and KL to the reference when ``ref_logps_fn`` is given) of
+    ``samples_per_prompt`` samples per held-out prompt, drawn with a fixed seed so before/after numbers are
+    comparable; sampled ``batch_prompts`` prompts at a time (0: all at once)."""
+    generator = torch.Generator().manual_seed(seed)
+    step = batch_prompts or len(prompts)
+    parts = [rollout_and_score(model, tokenizer, prompts[i : i + step], reward, sampling, samples_per_prompt, generator)
+             for i in range(0, len(prompts), step)]
+    texts = [t for p in parts for t in p.texts]
+    scored = ScoredRollout(concat_rollouts([p.rollout for p in parts]), [q for p in parts for q in p.prompts], texts,
+                           torch.cat([p.rewards for p in parts]))
     metrics = rollout_metrics(scored, prefix="eval/")
     if ref_logps_fn is not None:
-        mask = scored.rollout.response_mask.bool()
-        policy, ref = ref_logps_fn(scored.rollout)
-        # sequence-level KL estimate E_pi[log pi - log pi_ref] over sampled responses
-        metrics["eval/kl"] = float(((policy - ref) * mask).sum(-1).mean())
+        kls = []
+        for part in parts:
+            mask = part.rollout.response_mask.bool()
+            policy, ref = ref_logps_fn(part.rollout)
+            kls.append(((policy - ref) * mask).sum(-1))
+        # sequence-level KL estimate E_pi[log pi(y) - log pi_ref(y)] over the sampled responses
+        metrics["eval/kl"] = float(torch.cat(kls).mean())
     return metrics
+
+
+def concat_rollouts(parts: list[Rollout]) -> Rollout:
+    """Rows of several rollouts in one: prompts left-padded, responses right-padded to the widest."""
+    if len(parts) == 1:
+        return parts[0]
+    prompt_width = max(p.prompt_ids.shape[1] for p in parts)
+    response_width = max(p.response_ids.shape[1] for p in parts)
+
+    def pad(x: torch.Tensor, width: int, left: bool) -> torch.Tensor:
+        extra = width - x.shape[1]
+        return torch.nn.functional.pad(x, (extra, 0) if left else (0, extra))
+
+    return Rollout(
+        torch.cat([pad(p.prompt_ids, prompt_width, True) for p in parts]),
+        torch.cat([pad(p.prompt_mask, prompt_width, True) for p in parts]),
+        torch.cat([pad(p.response_ids, response_width, False) for p in parts]),
+        torch.cat([pad(p.response_mask, response_width, False) for p in parts]),
+        torch.cat([pad(p.logprobs, response_width, False) for p in parts]),
+        torch.cat([p.ended_with_eos for p in parts]),
+    )
 
 
 def response_logprobs(module, rollout: Rollout, temperature: float = 1.0) -> torch.Tensor:
@@ -131,3 +164,24 @@ def response_logprobs(module, rollout: Rollout, temperature: float = 1.0) -> tor
     target[:, start:] = rollout.response_mask.bool()
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     return module(input_ids, target, attention_mask, position_ids, temperature)[:, start:]
+
+
+def rows(rollout: Rollout, index: torch.Tensor | slice) -> Rollout:
+    """Rows ``index`` of a rollout, with all-padding prompt and response columns trimmed."""
+    prompt_mask, response_mask = rollout.prompt_mask[index], rollout.response_mask[index]
+    first = int((prompt_mask.sum(0) > 0).nonzero()[0]) if prompt_mask.any() else 0
+    width = max(1, int(response_mask.sum(-1).max()))
+    return Rollout(rollout.prompt_ids[index, first:], prompt_mask[:, first:], rollout.response_ids[index, :width],
+                   response_mask[:, :width], rollout.logprobs[index, :width], rollout.ended_with_eos[index])
+
+
+@torch.no_grad()
+def batched_logprobs(module, rollout: Rollout, temperature: float, batch_size: int, context=nullcontext) -> torch.Tensor:
+    """(B, T) response log-probs in no-grad chunks of ``batch_size`` rows (old policy or reference)."""
+    out = torch.zeros_like(rollout.logprobs)
+    for start in range(0, rollout.response_ids.shape[0], batch_size):
+        part = rows(rollout, slice(start, start + batch_size))
+        with context():
+            out[start : start + part.response_ids.shape[0], : part.response_ids.shape[1]] = \
+                response_logprobs(module, part, temperature).float()
+    return out

@@ -111,13 +111,9 @@ def trl_steps(path: str, steps: int, beta: float, out: Path) -> list[float]:
 
 
 def ppo_step(path: str, out: Path) -> float | None:
-    """One alignkit PPO step on the same task (64 prompts x 1 sample, value head, its default 4 PPO epochs),
-    if the PPO trainer exists (written separately); its own time/rollout + time/update."""
-    try:
-        from alignkit.algos import ppo
-    except ImportError:
-        print("  TODO: alignkit/algos/ppo.py does not exist yet; PPO step not timed")
-        return None
+    """One alignkit PPO step on the same task (64 prompts x 1 sample, value head, its default 4 PPO epochs);
+    its own time/rollout + time/update."""
+    from alignkit.algos import ppo
     from alignkit.cli import _fields, build_config
 
     wanted = {"model": path, "data": str(PROMPTS), "eval_data": "", "reward": "vader", "max_new_tokens": NEW_TOKENS,

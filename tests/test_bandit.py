@@ -41,10 +41,10 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from alignkit import losses
-from alignkit.algos.grpo import GRPOConfig, batched_logprobs, grpo_step, make_advantage_fn
+from alignkit.algos.grpo import GRPOConfig, grpo_step, make_advantage_fn
 from alignkit.engine import Engine, TrainConfig
 from alignkit.logprobs import LogprobModel, token_logprobs
-from alignkit.online import RolloutConfig
+from alignkit.online import RolloutConfig, batched_logprobs
 from alignkit.rollout import SamplingConfig, sample
 
 VOCAB, EOS, PROMPT, TARGET = 6, 0, 5, 1

@@ -13,13 +13,13 @@ from conftest import write_jsonl
 from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from alignkit.algos.grpo import GRPOConfig, RLOOConfig, batched_logprobs, grpo_step, make_advantage_fn, train
+from alignkit.algos.grpo import GRPOConfig, RLOOConfig, grpo_step, make_advantage_fn, train
 from alignkit.cli import add_config_flags, build_config
 from alignkit.config import DataConfig, ModelConfig
 from alignkit.engine import Engine, TrainConfig
 from alignkit.logprobs import LogprobModel
 from alignkit.models import load_model
-from alignkit.online import RolloutConfig
+from alignkit.online import RolloutConfig, batched_logprobs
 from alignkit.rollout import SamplingConfig, sample
 
 WORDS = [" great", " bad", " movie", " the", " and", " film", " boring", " plot"]

@@ -12,8 +12,9 @@ from conftest import write_jsonl
 
 from alignkit.algos import bon, raft
 from alignkit.config import DataConfig, ModelConfig
-from alignkit.data import IGNORE, PromptExample
+from alignkit.data import IGNORE, PromptExample, preference_example, ranked_example, read_examples
 from alignkit.engine import TrainConfig
+from alignkit.models import load_tokenizer
 from alignkit.online import RolloutConfig, ScoredRollout
 from alignkit.rollout import Rollout
 
@@ -178,18 +179,32 @@ def test_bon_writes_best_of_its_samples(tiny_model_dir, tmp_path):
     records = [json.loads(line) for line in result.path.read_text().splitlines()]
     assert [r["prompt"] for r in records] == [f"Review test {i}:" for i in range(6)]
     for r in records:
-        assert len(r["rewards"]) == 4 and len(r["completions"]) == 4
-        assert r["reward"] == max(r["rewards"])
-        assert r["completion"] == r["completions"][r["rewards"].index(max(r["rewards"]))]
+        assert len(r["scores"]) == 4 and len(r["responses"]) == 4
+        assert r["reward"] == max(r["scores"])
+        assert r["completion"] == r["responses"][r["scores"].index(max(r["scores"]))]
         # the reward is recomputable from the text: −|words − 8|
         assert r["reward"] == -abs(len(r["completion"].split()) - MAX_NEW)
     best = sum(r["reward"] for r in records) / 6
-    single = sum(sum(r["rewards"]) for r in records) / 24
+    single = sum(sum(r["scores"]) for r in records) / 24
     assert result.mean_best_reward == pytest.approx(best) and result.mean_reward == pytest.approx(single)
     assert result.mean_best_reward >= result.mean_reward
     assert result.kl == pytest.approx(math.log(4) - 0.75)
     summary = json.loads((tmp_path / "bon" / "summary.json").read_text())
     assert summary["n"] == 4 and summary["prompts"] == 6
+
+    # pairs.jsonl: best vs worst of each prompt whose rewards differ, readable as DPO data
+    pairs = [json.loads(line) for line in (tmp_path / "bon" / "pairs.jsonl").read_text().splitlines()]
+    expected = [r for r in records if max(r["scores"]) > min(r["scores"])]
+    assert summary["pairs"] == len(pairs) == len(expected)
+    for pair, r in zip(pairs, expected):
+        assert pair["prompt"] == r["prompt"] and pair["chosen"] == r["completion"]
+        assert pair["rejected"] == r["responses"][r["scores"].index(min(r["scores"]))]
+        assert pair["margin"] == pytest.approx(max(r["scores"]) - min(r["scores"]))
+    assert pairs, "length rewards of 4 random samples are almost never all equal"
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    assert len(read_examples(str(tmp_path / "bon" / "pairs.jsonl"), preference_example, tokenizer, 64)) == len(pairs)
+    # and bon.jsonl is RRHF's ranked shape
+    assert len(read_examples(str(result.path), ranked_example, tokenizer, 64)) == 6
 
 
 def test_bon_kl_formula_by_hand():

@@ -9,8 +9,13 @@ Beirami et al. 2024 (https://arxiv.org/abs/2401.01879, Theorem 3.1) show it is a
 rewards are continuous/distinct and every single response has vanishing probability (a large response space,
 as for text), strictly smaller on a small discrete space (tests/test_raft.py checks both).
 
-Output (``output_dir``): ``bon.jsonl``, one line per prompt {prompt, completion (the best), reward (its reward),
-rewards (all N), completions (all N)}, and ``summary.json``. Runs in one process.
+Output (``output_dir``), one line per prompt in each file:
+- ``bon.jsonl``: {prompt, completion (the best), reward (its reward), responses (all N), scores (all N)} — the
+  ranked shape, so ``alignkit rrhf`` trains on it directly;
+- ``pairs.jsonl``: {prompt, chosen (the best), rejected (the worst), margin (their reward difference)}, prompts
+  whose N rewards are all equal left out — preference pairs labelled by the reward, for ``alignkit dpo`` or
+  ``alignkit rm`` (the DPO paper's controlled-sentiment setup labels its pairs this way);
+- ``summary.json``. Runs in one process.
 """
 
 from __future__ import annotations
@@ -75,24 +80,30 @@ def run(cfg: BoNConfig) -> BoNResult:
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "bon.jsonl"
     best_rewards, all_rewards = [], []
-    with path.open("w") as f:
+    n_pairs = 0
+    with path.open("w") as f, (out_dir / "pairs.jsonl").open("w") as pairs:
         for start in range(0, len(prompts), per_batch):
             chunk = prompts[start : start + per_batch]
             scored = rollout_and_score(model, tokenizer, chunk, reward, sampling, n, generator)
             groups = scored.rewards.view(-1, n)  # (G, N)
-            best = groups.argmax(-1)  # ties: the first sample
+            best, worst = groups.argmax(-1), groups.argmin(-1)  # ties: the first sample
             for g, prompt in enumerate(chunk):
                 texts = scored.texts[g * n : (g + 1) * n]
                 record = {"prompt": prompt.prompt, "completion": texts[int(best[g])], "reward": float(groups[g, best[g]]),
-                          "rewards": groups[g].tolist(), "completions": texts}
+                          "responses": texts, "scores": groups[g].tolist()}
                 f.write(json.dumps(record) + "\n")
+                margin = float(groups[g, best[g]] - groups[g, worst[g]])
+                if margin > 0:
+                    pairs.write(json.dumps({"prompt": prompt.prompt, "chosen": texts[int(best[g])],
+                                            "rejected": texts[int(worst[g])], "margin": margin}) + "\n")
+                    n_pairs += 1
             best_rewards.append(groups.max(-1).values)
             all_rewards.append(scored.rewards)
     result = BoNResult(path, float(torch.cat(best_rewards).mean()), float(torch.cat(all_rewards).mean()), n, bon_kl(n))
     summary = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(result).items()}
-    summary["prompts"] = len(prompts)
+    summary.update(prompts=len(prompts), pairs=n_pairs)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"best-of-{n} over {len(prompts)} prompts: mean best reward {result.mean_best_reward:.4f}, "
           f"mean single-sample reward {result.mean_reward:.4f}, KL(BoN || policy) = log {n} - {n - 1}/{n} = {result.kl:.4f}")
-    print(f"wrote {path}")
+    print(f"wrote {path} and {n_pairs} preference pairs (best vs worst) to {out_dir / 'pairs.jsonl'}")
     return result

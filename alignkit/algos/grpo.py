@@ -45,12 +45,14 @@ from alignkit.logprobs import LogprobModel
 from alignkit.models import load_model
 from alignkit.online import (
     RolloutConfig,
+    batched_logprobs,
     evaluate_policy,
     prompt_batch,
     read_prompts,
     response_logprobs,
     rollout_and_score,
     rollout_metrics,
+    rows,
 )
 from alignkit.rewards import load_reward
 from alignkit.rollout import Rollout
@@ -126,15 +128,6 @@ class Batch:
     ref_logps: torch.Tensor | None  # None: no KL term in the loss
 
 
-def rows(rollout: Rollout, index: torch.Tensor | slice) -> Rollout:
-    """Rows ``index`` of a rollout, with all-padding prompt and response columns trimmed."""
-    prompt_mask, response_mask = rollout.prompt_mask[index], rollout.response_mask[index]
-    first = int((prompt_mask.sum(0) > 0).nonzero()[0]) if prompt_mask.any() else 0
-    width = max(1, int(response_mask.sum(-1).max()))
-    return Rollout(rollout.prompt_ids[index, first:], prompt_mask[:, first:], rollout.response_ids[index, :width],
-                   response_mask[:, :width], rollout.logprobs[index, :width], rollout.ended_with_eos[index])
-
-
 def select(rollout: Rollout, index: torch.Tensor, advantages: torch.Tensor, old: torch.Tensor | None,
            ref: torch.Tensor | None) -> Batch:
     """The micro-batch of rows ``index``, per-token tensors cut to its longest response."""
@@ -167,18 +160,6 @@ def policy_loss(module, batch: Batch, cfg: GRPOConfig) -> tuple[torch.Tensor, di
 
 def count_items(batch: Batch, cfg: GRPOConfig) -> int:
     return int(batch.rollout.response_mask.sum()) if cfg.loss_agg == "token-mean" else batch.rollout.response_mask.shape[0]
-
-
-@torch.no_grad()
-def batched_logprobs(module, rollout: Rollout, temperature: float, batch_size: int, context=nullcontext) -> torch.Tensor:
-    """(B, T) response log-probs in no-grad chunks of ``batch_size`` rows (old policy or reference)."""
-    out = torch.zeros_like(rollout.logprobs)
-    for start in range(0, rollout.response_ids.shape[0], batch_size):
-        part = rows(rollout, slice(start, start + batch_size))
-        with context():
-            out[start : start + part.response_ids.shape[0], : part.response_ids.shape[1]] = \
-                response_logprobs(module, part, temperature).float()
-    return out
 
 
 def grpo_step(engine: Engine, reference: Callable[[Rollout], torch.Tensor] | None, rollout: Rollout,

@@ -1,0 +1,80 @@
+"""alignkit evaluate: reward, KL to the reference, distinct-2 and length of samples on held-out prompts."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import write_jsonl
+
+from alignkit.cli import main
+from alignkit.config import DataConfig, ModelConfig
+from alignkit.evaluate import EvalConfig, run
+from alignkit.models import LoraSettings, add_lora, load_model
+from alignkit.online import RolloutConfig
+
+
+def _config(model: str, prompts: str, **kw) -> EvalConfig:
+    return EvalConfig(
+        model=ModelConfig(model=model),
+        data=DataConfig(data=prompts, max_length=32),
+        rollout=RolloutConfig(reward="length:6", group_size=3, prompts_per_step=kw.pop("prompts_per_step", 4),
+                              max_new_tokens=8),
+        **kw,
+    )
+
+
+@pytest.fixture
+def prompts(tmp_path) -> str:
+    return str(write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"Review number {i}:"} for i in range(5)]))
+
+
+@pytest.fixture
+def lora_dir(tiny_model_dir, tmp_path):
+    """A saved LoRA adapter on the tiny model whose B matrices are non-zero, so policy != base."""
+    model, tokenizer = load_model(str(tiny_model_dir))
+    model = add_lora(model, LoraSettings(r=4, alpha=8))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    path = tmp_path / "lora"
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_model_against_itself_has_zero_kl_and_fixed_seed_repeats(tiny_model_dir, prompts):
+    first = run(_config(str(tiny_model_dir), prompts, reference=str(tiny_model_dir)))
+    assert first["samples"] == 15 and first["prompts"] == 5
+    assert first["kl"] == pytest.approx(0.0, abs=1e-5)
+    assert -6.0 <= first["reward/mean"] <= 0.0  # −|words − 6| with at most 8 tokens
+    assert 0.0 < first["distinct-2"] <= 1.0 and 1 <= first["response/length"] <= 8
+    assert run(_config(str(tiny_model_dir), prompts, reference=str(tiny_model_dir))) == first
+    # no reference and no adapter: no KL reported
+    assert "kl" not in run(_config(str(tiny_model_dir), prompts))
+
+
+def test_lora_kl_uses_the_base_and_equals_an_explicit_reference(tiny_model_dir, lora_dir, prompts):
+    implicit = run(_config(str(lora_dir), prompts))  # the base under the disabled adapter
+    explicit = run(_config(str(lora_dir), prompts, reference=str(tiny_model_dir)))
+    assert implicit["kl"] > 0.01
+    assert implicit["kl"] == pytest.approx(explicit["kl"], rel=1e-4)
+    assert implicit["reward/mean"] == explicit["reward/mean"]
+
+
+def test_batches_of_prompts_cover_every_sample(tiny_model_dir, prompts):
+    """Sampling two prompts at a time (3 batches, the last one short) still scores all 15 samples."""
+    metrics = run(_config(str(tiny_model_dir), prompts, prompts_per_step=2, reference=str(tiny_model_dir)))
+    assert metrics["samples"] == 15 and metrics["kl"] == pytest.approx(0.0, abs=1e-5)
+
+
+def test_cli_writes_json(tiny_model_dir, prompts, tmp_path):
+    out = tmp_path / "eval" / "metrics.json"
+    code = main(["evaluate", "--model", str(tiny_model_dir), "--data", prompts, "--reward", "length:6",
+                 "--group-size", "2", "--max-new-tokens", "8", "--output", str(out)])
+    assert code == 0
+    saved = json.loads(out.read_text())
+    assert saved["samples"] == 10 and saved["reward"] == "length:6" and "reward/mean" in saved
