@@ -13,15 +13,19 @@ The reference: ``--reference`` when given; else, for a LoRA run, the base model 
 from __future__ import annotations
 
 import json
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from alignkit.config import DataConfig, ModelConfig, arg
 from alignkit.engine import default_threads
-from alignkit.logprobs import LogprobModel
 from alignkit.models import load_model
-from alignkit.online import RolloutConfig, batched_logprobs, evaluate_policy, read_prompts
+from alignkit.online import (
+    RolloutConfig,
+    evaluate_policy,
+    read_prompts,
+    reference_logprobs,
+    with_policy_logprobs,
+)
 from alignkit.rewards import load_reward
 
 
@@ -36,17 +40,13 @@ class EvalConfig:
     output: str = arg("", "also write the metrics as JSON to this file")
 
 
-def reference_logps_fn(model, reference: str, temperature: float, batch_size: int = 16):
+def policy_and_reference(model, reference: str, temperature: float, batch_size: int = 16):
     """rollout -> (policy log-probs, reference log-probs), both (B, T), or None when there is no reference."""
-    if reference:
-        ref_model, context = load_model(reference)[0], nullcontext
-    elif hasattr(model, "disable_adapter"):
-        ref_model, context = model, model.disable_adapter
-    else:
+    lora = hasattr(model, "disable_adapter")
+    if not reference and not lora:
         return None
-    policy, ref = LogprobModel(model), LogprobModel(ref_model)
-    return lambda rollout: (batched_logprobs(policy, rollout, temperature, batch_size),
-                            batched_logprobs(ref, rollout, temperature, batch_size, context))
+    return with_policy_logprobs(model, reference_logprobs(model, lora, reference, temperature, batch_size), temperature,
+                                batch_size)
 
 
 def run(cfg: EvalConfig) -> dict[str, float]:
@@ -59,7 +59,7 @@ def run(cfg: EvalConfig) -> dict[str, float]:
     if cfg.max_prompts:
         prompts = prompts[: cfg.max_prompts]
     reward = load_reward(cfg.rollout.reward)
-    ref_fn = reference_logps_fn(model, cfg.reference, cfg.rollout.temperature)
+    ref_fn = policy_and_reference(model, cfg.reference, cfg.rollout.temperature)
     metrics = evaluate_policy(model, tokenizer, prompts, reward, cfg.rollout.sampling(), ref_fn, seed=cfg.seed,
                               samples_per_prompt=cfg.rollout.group_size, batch_prompts=cfg.rollout.prompts_per_step)
     metrics = {k.removeprefix("eval/"): v for k, v in metrics.items()}

@@ -2,7 +2,13 @@
 
 Small models with big vocabularies spend most of their time in the LM head (SmolLM2: 576 x 49,152). Only the
 positions that carry a target need logits, so hidden states are gathered at those positions first, then the
-head runs in chunks with the logsumexp in fp32.
+head runs in chunks with the log-softmax in fp32.
+
+For a plain linear head the head, log-softmax and gather are one autograd function (``HeadLogprobs``) with a
+hand-written backward: d log p(y)/d logits = onehot(y) − softmax, so the backward needs only the softmax of each
+chunk, which the forward leaves in place of its logits. Autograd's generic path makes several more passes over
+the (tokens x vocabulary) logits (logsumexp backward, a zero-filled scatter for the gather, their sum); measured
+on this 2-core CPU for 2,048 tokens, forward + backward of the head: 2.1x faster at width 128, 1.4x at 576.
 """
 
 from __future__ import annotations
@@ -58,25 +64,90 @@ def logprobs_from_hidden(
     where_b, where_t = target_mask.nonzero(as_tuple=True)
     selected = hidden[where_b, where_t - 1]  # (N, H)
     targets = input_ids[where_b, where_t]  # (N,)
+    if type(head) is nn.Linear:
+        # under no_grad (reference, old policy) nothing is kept for a backward
+        for_backward = torch.is_grad_enabled() and (selected.requires_grad or head.weight.requires_grad)
+        picked, entropy = HeadLogprobs.apply(selected, head.weight, head.bias, targets, temperature, with_entropy,
+                                             for_backward)
+    else:  # e.g. a head wrapped by an adapter: the generic path
+        picked, entropy = _generic_head_logprobs(selected, head, targets, temperature, with_entropy)
+    out = hidden.new_zeros(input_ids.shape, dtype=torch.float32).index_put((where_b, where_t), picked)
+    if not with_entropy:
+        return out
+    return out, hidden.new_zeros(input_ids.shape, dtype=torch.float32).index_put((where_b, where_t), entropy.detach())
+
+
+def _generic_head_logprobs(selected, head, targets, temperature, with_entropy):
     picked, entropies = [], []
     for start in range(0, selected.shape[0], CHUNK_TOKENS):
-        logits = head(selected[start : start + CHUNK_TOKENS]).float()  # (n, V)
-        if temperature != 1.0:
-            logits = logits / temperature
+        logits = head(selected[start : start + CHUNK_TOKENS]).float() / temperature  # (n, V)
         logz = torch.logsumexp(logits, dim=-1)
         picked.append(logits.gather(1, targets[start : start + CHUNK_TOKENS, None]).squeeze(1) - logz)
         if with_entropy:
-            probs = torch.softmax(logits, dim=-1)
-            entropies.append(logz - (probs * logits).sum(-1))
-    out = hidden.new_zeros(input_ids.shape, dtype=torch.float32)
-    if picked:
-        out = out.index_put((where_b, where_t), torch.cat(picked))
-    if not with_entropy:
-        return out
-    entropy = hidden.new_zeros(input_ids.shape, dtype=torch.float32)
-    if entropies:
-        entropy = entropy.index_put((where_b, where_t), torch.cat(entropies).detach())
-    return out, entropy
+            entropies.append(logz - (torch.softmax(logits, dim=-1) * logits).sum(-1))
+    empty = selected.new_zeros(0, dtype=torch.float32)
+    return (torch.cat(picked) if picked else empty), (torch.cat(entropies) if entropies else empty)
+
+
+class HeadLogprobs(torch.autograd.Function):
+    """(hidden (N, H), weight (V, H), bias (V,) | None, targets (N,)) -> log softmax(hidden·Wᵀ + b)/T [targets]
+    (N,) fp32, and the entropies (N,) (zeros unless asked for; not differentiable). Chunks of CHUNK_TOKENS rows;
+    each chunk keeps exp(logits − max) and its sum for the backward, where
+        ∂ log p(y)/∂ logits = (onehot(y) − p) / T.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, temperature: float, with_entropy: bool, for_backward: bool):
+        n = hidden.shape[0]
+        out = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        entropy = torch.zeros(n, dtype=torch.float32, device=hidden.device)
+        exps, sums = [], []
+        for start in range(0, n, CHUNK_TOKENS):
+            chunk = slice(start, start + CHUNK_TOKENS)
+            logits = torch.nn.functional.linear(hidden[chunk], weight, bias).float()
+            if temperature != 1.0:
+                logits.div_(temperature)
+            logits.sub_(logits.amax(-1, keepdim=True))
+            shifted_target = logits.gather(1, targets[chunk, None]).squeeze(1)
+            if with_entropy:  # H = log Σ e^x − Σ softmax·x, on the max-shifted logits x
+                total = torch.logsumexp(logits, -1)
+                entropy[chunk] = total - (torch.softmax(logits, -1) * logits).sum(-1)
+            exp = logits.exp_()
+            total = exp.sum(-1)
+            out[chunk] = shifted_target - total.log()
+            if for_backward:
+                exps.append(exp)
+                sums.append(total)
+        ctx.save_for_backward(hidden, weight, targets)
+        ctx.exps, ctx.sums, ctx.temperature, ctx.has_bias = exps, sums, temperature, bias is not None
+        ctx.mark_non_differentiable(entropy)
+        return out, entropy
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_entropy):
+        hidden, weight, targets = ctx.saved_tensors
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
+        grad_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) \
+            if need_bias and ctx.has_bias else None
+        for k, start in enumerate(range(0, hidden.shape[0], CHUNK_TOKENS)):
+            chunk = slice(start, start + CHUNK_TOKENS)
+            g = grad_out[chunk].float() / ctx.temperature
+            grad_logits = ctx.exps[k].mul_((-g / ctx.sums[k])[:, None])  # −g·p, in place of the kept exps
+            grad_logits.scatter_add_(1, targets[chunk, None], g[:, None])  # + g at the target
+            if grad_hidden is not None:
+                grad_hidden[chunk] = (grad_logits @ weight.float()).to(hidden.dtype)
+            if grad_weight is not None:
+                grad_weight.addmm_(grad_logits.T, hidden[chunk].float())
+            if grad_bias is not None:
+                grad_bias += grad_logits.sum(0)
+        ctx.exps = ctx.sums = None
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight.dtype)
+        if grad_bias is not None:
+            grad_bias = grad_bias.to(weight.dtype)
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None
 
 
 class LogprobModel(nn.Module):

@@ -198,6 +198,17 @@ def tiny_causal_lm(num_layers: int = 2, hidden_size: int = 128, seed: int = 0, d
     return model, tokenizer
 
 
+def adapter_disabled(model):
+    """Context in which a LoRA policy (possibly DDP-wrapped) is its base model: the reference of DPO/KTO/PPO
+    without a second copy of the weights."""
+    peft_model = model
+    while hasattr(peft_model, "module"):
+        peft_model = peft_model.module
+    if not hasattr(peft_model, "disable_adapter"):
+        raise ValueError("the reference 'base model with adapter disabled' needs a LoRA policy (--lora)")
+    return peft_model.disable_adapter()
+
+
 def unwrap(model):
     """The plain transformers model under DDP / accelerate / peft wrappers."""
     while hasattr(model, "module"):

@@ -5,14 +5,19 @@ length) beside the reward.
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
 
 from alignkit.config import arg
 from alignkit.data import PromptExample, prompt_example, read_examples
+from alignkit.logprobs import LogprobModel
+from alignkit.models import adapter_disabled
 from alignkit.rewards import RewardModelSource, RewardSource
 from alignkit.rollout import Rollout, SamplingConfig, sample
 
@@ -185,3 +190,41 @@ def batched_logprobs(module, rollout: Rollout, temperature: float, batch_size: i
             out[start : start + part.response_ids.shape[0], : part.response_ids.shape[1]] = \
                 response_logprobs(module, part, temperature).float()
     return out
+
+
+def reference_logprobs(model, lora: bool, path: str = "", temperature: float = 1.0, batch_size: int = 16,
+                       autocast=nullcontext, device: torch.device | None = None) -> Callable[[Rollout], torch.Tensor]:
+    """``fn(rollout) -> (B, T)`` response log-probs under the reference π_ref of every KL term: the model at
+    ``path`` when given; else, with LoRA, the policy's own base with the adapter disabled (no copy held); else a
+    frozen copy of the policy's weights as they are now (so call it before any update or resume)."""
+    if path:
+        from alignkit.models import load_model
+
+        ref_model, context = load_model(path)[0].to(device), nullcontext
+    elif lora:
+        ref_model, context = model, partial(adapter_disabled, model)
+    else:
+        ref_model, context = copy.deepcopy(model).requires_grad_(False), nullcontext
+    module = LogprobModel(ref_model)
+
+    def ref_logps(rollout: Rollout) -> torch.Tensor:
+        with autocast():
+            return batched_logprobs(module, rollout, temperature, batch_size, context)
+
+    return ref_logps
+
+
+def with_policy_logprobs(model, reference: Callable[[Rollout], torch.Tensor], temperature: float = 1.0,
+                         batch_size: int = 16, autocast=nullcontext, sampled_are_exact: bool = False):
+    """``fn(rollout) -> (policy, reference)`` response log-probs (B, T) each, for KL estimates; ``reference`` is
+    a ``reference_logprobs`` function. With ``sampled_are_exact`` (no top-p/top-k filtering, no banned EOS) the
+    sampler's log-probs already are log softmax(logits / T) of the policy, and its forward is skipped."""
+    policy = LogprobModel(model)
+
+    def logps(rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
+        if sampled_are_exact:
+            return rollout.logprobs.float(), reference(rollout)
+        with autocast():
+            return batched_logprobs(policy, rollout, temperature, batch_size), reference(rollout)
+
+    return logps

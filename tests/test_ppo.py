@@ -16,7 +16,7 @@ from alignkit.algos import ppo
 from alignkit.config import ModelConfig
 from alignkit.engine import Engine, TrainConfig
 from alignkit.logprobs import token_logprobs
-from alignkit.online import RolloutConfig
+from alignkit.online import RolloutConfig, reference_logprobs
 from alignkit.rollout import SamplingConfig, sample
 
 EOS, PROMPT = 0, 3  # the bandit's vocabulary: EOS (also padding), two words 1 and 2, the prompt token 3
@@ -87,7 +87,7 @@ def test_ppo_bandit_reaches_kl_regularised_optimum(tmp_path):
     module = ppo.PolicyValueModel(model, head).eval()
     engine = Engine(cfg.train, model, None, steps * cfg.ppo_epochs, train_module=module,
                     extra_modules={"value_head": head})
-    ref_fn = ppo.reference_fn(model, False, 1.0, batch, engine.autocast)
+    ref_fn = reference_logprobs(model, False, "", 1.0, batch, engine.autocast)
     generator = torch.Generator().manual_seed(0)
     for _ in range(steps):
         rollout = sample(model, [[PROMPT]] * batch, SamplingConfig(max_new_tokens=MAX_NEW), eos_token_id=EOS,

@@ -28,7 +28,7 @@ from alignkit.data import PreferenceExample, preference_example, read_examples
 from alignkit.data.collate import pad_prompt_completions
 from alignkit.engine import Engine, TrainConfig, default_threads, distributed_state, total_steps_for
 from alignkit.logprobs import LogprobModel
-from alignkit.models import load_model
+from alignkit.models import adapter_disabled, load_model
 
 REFERENCE_FREE = ("simpo", "orpo")
 
@@ -102,7 +102,7 @@ def reference_logps(model, examples: list[PreferenceExample], pad_id: int, autoc
     """(example, ref chosen log-prob, ref rejected log-prob) for every example, in one no-grad pass."""
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].prompt_ids) + len(examples[i].chosen_ids))
     values: dict[int, tuple[float, float]] = {}
-    adapter_off = unwrap_peft_disable(model) if disable_adapter else nullcontext()
+    adapter_off = adapter_disabled(model) if disable_adapter else nullcontext()
     with adapter_off:
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
@@ -113,15 +113,6 @@ def reference_logps(model, examples: list[PreferenceExample], pad_id: int, autoc
             for k, i in enumerate(idx):
                 values[i] = (float(logps[k]), float(logps[b + k]))
     return [(e, *values[i]) for i, e in enumerate(examples)]
-
-
-def unwrap_peft_disable(model):
-    peft_model = model
-    while hasattr(peft_model, "module"):
-        peft_model = peft_model.module
-    if not hasattr(peft_model, "disable_adapter"):
-        raise ValueError("the reference 'base model with adapter disabled' needs a LoRA policy (--lora)")
-    return peft_model.disable_adapter()
 
 
 def train(cfg: DPOConfig) -> Path:
@@ -154,7 +145,7 @@ def train(cfg: DPOConfig) -> Path:
         train_items, eval_items = [(e, 0.0, 0.0) for e in examples], zeros
 
     def live_reference(batch: dict) -> None:
-        with torch.no_grad(), (unwrap_peft_disable(model) if lora_ref else nullcontext()):
+        with torch.no_grad(), (adapter_disabled(model) if lora_ref else nullcontext()):
             logps, _ = pair_logps(LogprobModel(ref_source), batch)
         b = logps.shape[0] // 2
         batch["ref_chosen"], batch["ref_rejected"] = logps[:b].float(), logps[b:].float()

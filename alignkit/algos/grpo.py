@@ -27,12 +27,10 @@ and the gradient is the same); otherwise they are recomputed with the training f
 
 from __future__ import annotations
 
-import copy
 import math
 import sys
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -49,10 +47,12 @@ from alignkit.online import (
     evaluate_policy,
     prompt_batch,
     read_prompts,
+    reference_logprobs,
     response_logprobs,
     rollout_and_score,
     rollout_metrics,
     rows,
+    with_policy_logprobs,
 )
 from alignkit.rewards import load_reward
 from alignkit.rollout import Rollout
@@ -210,27 +210,13 @@ def grpo_step(engine: Engine, reference: Callable[[Rollout], torch.Tensor] | Non
                 sums[name] = sums.get(name, 0.0) + value
             n_updates += 1
     metrics = {name: value / n_updates for name, value in sums.items()}
-    if kl_in == "reward" and ref_logps is not None:
-        metrics["kl"] = float(losses.masked_mean(token_kl, mask))  # k1, per token, at sampling time
+    if "kl" in metrics:  # the k3 term of the loss: per token, under the policy being updated
+        metrics["kl_k3"] = metrics.pop("kl")
+    if ref_logps is not None:  # as in PPO and evaluation: Σ_t (log π_old − log π_ref) per response, mean over rows
+        sampled = old_logps if old_logps is not None else rollout.logprobs
+        metrics["kl"] = float(losses.masked_sum(sampled - ref_logps, mask, dim=-1).mean())
     metrics["entropy"] = float(-losses.masked_mean(rollout.logprobs, mask))  # −log π of the sampled tokens
     return metrics
-
-
-# --------------------------------------------------------------------------------------------- the reference
-def make_reference(cfg: GRPOConfig, model, device: torch.device | None = None) -> Callable[[Rollout], torch.Tensor] | None:
-    """Reference log-probs (B, T) of a rollout: the base model under the LoRA adapter, a frozen copy of the
-    initial policy (call this before any update), a separate model, or None when β = 0 (nothing is held)."""
-    if cfg.beta == 0:
-        return None
-    if cfg.reference:
-        ref_model, context = load_model(cfg.reference)[0].eval().to(device), nullcontext
-    elif cfg.model.lora:
-        ref_model, context = model, model.disable_adapter
-    else:
-        ref_model, context = copy.deepcopy(model).eval().to(device), nullcontext
-        ref_model.requires_grad_(False)
-    ref_module = LogprobModel(ref_model)
-    return lambda rollout: batched_logprobs(ref_module, rollout, cfg.rollout.temperature, cfg.train.batch_size, context)
 
 
 # ------------------------------------------------------------------------------------------------ training
@@ -261,17 +247,16 @@ def train(cfg: GRPOConfig) -> Path:
 
     engine = Engine(cfg.train, model, tokenizer, steps * updates_per_step, train_module=LogprobModel(model),
                     run_config={"algo": cfg.advantage, **asdict(cfg)})
-    # before any update or resume, so the reference is the initial policy
-    reference = make_reference(cfg, model, engine.device)
+    # before any update or resume, so the reference is the initial policy; none at all when β = 0
+    reference = None if cfg.beta == 0 else reference_logprobs(
+        model, cfg.model.lora, cfg.reference, cfg.rollout.temperature, cfg.train.batch_size, device=engine.device)
     sampling = cfg.rollout.sampling()
 
-    def ref_pair(rollout: Rollout):
-        with engine.autocast():
-            policy = batched_logprobs(LogprobModel(model), rollout, cfg.rollout.temperature, cfg.train.batch_size)
-            return policy, reference(rollout)
+    ref_pair = None if reference is None else \
+        with_policy_logprobs(model, reference, cfg.rollout.temperature, cfg.train.batch_size, engine.autocast)
 
     def evaluate() -> dict[str, float]:
-        return evaluate_policy(model, tokenizer, eval_prompts, reward, sampling, ref_pair if reference else None)
+        return evaluate_policy(model, tokenizer, eval_prompts, reward, sampling, ref_pair)
 
     if cfg.train.resume:
         engine.resume()

@@ -33,13 +33,12 @@ from pathlib import Path
 import torch
 
 from alignkit import losses
-from alignkit.algos.dpo import unwrap_peft_disable
 from alignkit.config import DataConfig, ModelConfig, arg
 from alignkit.data import UnpairedExample, read_examples, unpaired_example
 from alignkit.data.collate import pad_prompt_completions
 from alignkit.engine import Engine, TrainConfig, default_threads, distributed_state, total_steps_for
 from alignkit.logprobs import LogprobModel
-from alignkit.models import load_model
+from alignkit.models import adapter_disabled, load_model
 
 # (example, mismatched completion ids, reference log-prob of the completion, of the mismatched pair)
 Item = tuple[UnpairedExample, list[int], float, float]
@@ -99,7 +98,7 @@ def reference_logps(model, items: list[Item], pad_id: int, autocast, batch_size:
     """Items with the reference log-probs of the labelled and the mismatched pair filled in, in one pass."""
     order = sorted(range(len(items)), key=lambda i: len(items[i][0].prompt_ids) + len(items[i][0].completion_ids))
     values: dict[int, tuple[float, float]] = {}
-    adapter_off = unwrap_peft_disable(model) if disable_adapter else nullcontext()
+    adapter_off = adapter_disabled(model) if disable_adapter else nullcontext()
     with adapter_off:
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
@@ -159,7 +158,7 @@ def train(cfg: KTOConfig) -> Path:
     eval_items = reference_logps(ref_source, eval_items, pad_id, engine.autocast, disable_adapter=lora_ref)
 
     def live_reference(batch: dict) -> None:
-        with torch.no_grad(), (unwrap_peft_disable(model) if lora_ref else nullcontext()):
+        with torch.no_grad(), (adapter_disabled(model) if lora_ref else nullcontext()):
             logps = completion_logps(LogprobModel(ref_source), batch)
         b = logps.shape[0] // 2
         batch["ref"], batch["ref_kl"] = logps[:b].float(), logps[b:].float()

@@ -27,11 +27,9 @@ eval mode), so policy, old policy and reference log-probs are computed the same 
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -43,16 +41,17 @@ from alignkit import losses
 from alignkit.config import DataConfig, ModelConfig, arg
 from alignkit.data import IGNORE, pad_sft, read_examples, sft_example
 from alignkit.engine import Engine, TrainConfig, default_threads, distributed_state
-from alignkit.logprobs import LogprobModel, logprobs_from_hidden
+from alignkit.logprobs import logprobs_from_hidden
 from alignkit.models import load_model, unwrap
 from alignkit.online import (
     RolloutConfig,
     evaluate_policy,
     prompt_batch,
     read_prompts,
-    response_logprobs,
+    reference_logprobs,
     rollout_and_score,
     rollout_metrics,
+    with_policy_logprobs,
 )
 from alignkit.rewards import load_reward
 from alignkit.rollout import Rollout
@@ -167,20 +166,6 @@ def policy_outputs(module, rollout: Rollout, temperature: float, with_entropy: b
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     logps, values, entropy = module(input_ids, target, attention_mask, position_ids, temperature, with_entropy)
     return logps[:, start:], values[:, start:], entropy[:, start:] if with_entropy else None
-
-
-def reference_fn(model: nn.Module, lora: bool, temperature: float, batch_size: int, autocast) -> Callable:
-    """rollout -> (B, T) reference log-probs. LoRA: the policy's base with the adapter disabled (no copy);
-    full fine-tuning: a frozen copy of the initial weights (made now, before any update or resume)."""
-    frozen = None if lora else copy.deepcopy(model).requires_grad_(False)
-
-    @torch.no_grad()
-    def ref_logps(rollout: Rollout) -> torch.Tensor:
-        with model.disable_adapter() if lora else nullcontext(), autocast():
-            ref = LogprobModel(frozen if frozen is not None else model)
-            return torch.cat([response_logprobs(ref, part, temperature) for part in chunks(rollout, batch_size)])
-
-    return ref_logps
 
 
 def final_scores(rewards: torch.Tensor, ended_with_eos: torch.Tensor, penalty: float, replace_score: bool) -> torch.Tensor:
@@ -315,13 +300,10 @@ def train(cfg: PPOConfig) -> Path:
     engine = Engine(cfg.train, model, tokenizer, steps * updates_per_step, train_module=module,
                     extra_modules={**value_modules, "kl_controller": kl_ctl}, run_config={"algo": "ppo", **asdict(cfg)})
     # before any update or resume: the reference is the initial policy
-    ref_fn = reference_fn(model, cfg.model.lora, cfg.rollout.temperature, cfg.train.batch_size, engine.autocast)
+    ref_fn = reference_logprobs(model, cfg.model.lora, "", cfg.rollout.temperature, cfg.train.batch_size, engine.autocast)
     sampling = cfg.rollout.sampling()
 
-    def ref_pair(rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
-        with torch.no_grad(), engine.autocast():
-            policy = response_logprobs(LogprobModel(model), rollout, cfg.rollout.temperature)
-        return policy, ref_fn(rollout)
+    ref_pair = with_policy_logprobs(model, ref_fn, cfg.rollout.temperature, cfg.train.batch_size, engine.autocast)
 
     def evaluate() -> dict[str, float]:
         return evaluate_policy(model, tokenizer, eval_prompts, reward, sampling, ref_pair)
@@ -379,4 +361,4 @@ def _summary(metrics: dict[str, float]) -> str:
 
 
 __all__ = ["KLController", "PPOConfig", "PolicyValueModel", "critic_from_reward_model", "final_scores", "policy_outputs", "ppo_loss",
-           "ppo_update", "reference_fn", "train", "value_head_for"]
+           "ppo_update", "train", "value_head_for"]

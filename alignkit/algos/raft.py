@@ -24,9 +24,7 @@ samples, so it reproduces the uninterrupted run.
 
 from __future__ import annotations
 
-import copy
 import math
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -46,9 +44,10 @@ from alignkit.online import (
     evaluate_policy,
     prompt_batch,
     read_prompts,
-    response_logprobs,
+    reference_logprobs,
     rollout_and_score,
     rollout_metrics,
+    with_policy_logprobs,
 )
 from alignkit.rewards import load_reward
 
@@ -94,23 +93,6 @@ def kept_examples(scored: ScoredRollout, rows: torch.Tensor) -> list[SFTExample]
 # -------------------------------------------------------------------------------------------- reference
 
 
-def make_logps_fn(model, reference, temperature: float, autocast, sampled_are_exact: bool):
-    """``fn(rollout) -> (policy, reference)`` token log-probs (B, T) of the responses; ``reference=None`` means
-    the policy's own LoRA base (adapter disabled). With ``sampled_are_exact`` (no top-p/top-k filtering) the
-    sampler's log-probs already are log softmax(logits / λ) of the policy, and the policy forward is skipped."""
-
-    @torch.no_grad()
-    def logps(rollout):
-        with autocast():
-            policy = rollout.logprobs if sampled_are_exact else response_logprobs(LogprobModel(model), rollout, temperature)
-            with model.disable_adapter() if reference is None else nullcontext():
-                ref = response_logprobs(LogprobModel(reference if reference is not None else model), rollout,
-                                        temperature)
-        return policy.float(), ref.float()
-
-    return logps
-
-
 def _mean_across(engine: Engine, metrics: dict[str, float]) -> dict[str, float]:
     if engine.world_size == 1:
         return metrics
@@ -126,7 +108,7 @@ def train(cfg: RAFTConfig) -> Path:
     default_threads()
     model, tokenizer = load_model(cfg.model.model, lora=cfg.model.lora_settings(), trust_remote_code=cfg.model.trust_remote_code)
     # π_0 = the initial policy, fixed before resume() can load trained weights
-    reference = None if cfg.model.lora else copy.deepcopy(model).requires_grad_(False)
+    reference = reference_logprobs(model, cfg.model.lora, "", cfg.rollout.temperature, cfg.train.batch_size)
     reward = load_reward(cfg.rollout.reward)
     prompts = read_prompts(cfg.data.data, tokenizer, cfg.data.max_length, cfg.data.skip_invalid)
     eval_prompts = read_prompts(cfg.data.eval_data, tokenizer, cfg.data.max_length, cfg.data.skip_invalid) \
@@ -145,7 +127,8 @@ def train(cfg: RAFTConfig) -> Path:
                     run_config={"algo": "raft", **asdict(cfg)})
     sampling = cfg.rollout.sampling()
     k = cfg.rollout.group_size
-    logps_fn = make_logps_fn(model, reference, cfg.rollout.temperature, engine.autocast, cfg.rollout.top_p == 1.0)
+    logps_fn = with_policy_logprobs(model, reference, cfg.rollout.temperature, cfg.train.batch_size, engine.autocast,
+                                    sampled_are_exact=cfg.rollout.top_p == 1.0)
 
     def evaluate() -> dict[str, float]:
         return evaluate_policy(model, tokenizer, eval_prompts, reward, sampling, logps_fn, seed=cfg.train.seed + 1234)

@@ -189,7 +189,7 @@ def encode_prompt(tokenizer, prompt: Text) -> list[int]:
     return tokenizer(_render_segments(tokenizer, prompt, None)[0][0], add_special_tokens=False)["input_ids"]
 
 
-def _split_implicit_prompt(chosen: Text, rejected: Text, where: str) -> tuple[Text, Text, Text]:
+def split_implicit_prompt(chosen: Text, rejected: Text, where: str) -> tuple[Text, Text, Text]:
     """Shared prefix of two full transcripts = the prompt (message-wise for conversations)."""
     if isinstance(chosen, list) and isinstance(rejected, list):
         n = 0
@@ -244,7 +244,7 @@ def preference_example(record: Record, tokenizer, max_length: int | None) -> Pre
     if "prompt" in record.data:
         prompt = _field(record, "prompt")
     else:
-        prompt, chosen, rejected = _split_implicit_prompt(chosen, rejected, record.where)
+        prompt, chosen, rejected = split_implicit_prompt(chosen, rejected, record.where)
     prompt_ids, chosen_ids = _with_where(record, encode_prompt_completion, tokenizer, prompt, chosen)
     rejected_prompt_ids, rejected_ids = _with_where(record, encode_prompt_completion, tokenizer, prompt, rejected)
     if rejected_prompt_ids != prompt_ids:  # a non-assistant turn in a completion would be silently dropped
