@@ -22,7 +22,7 @@ from alignkit.models import load_model
 from alignkit.online import (
     RolloutConfig,
     evaluate_policy,
-    read_prompts,
+    prompts_of,
     reference_logprobs,
     with_policy_logprobs,
 )
@@ -52,12 +52,7 @@ def policy_and_reference(model, reference: str, temperature: float, batch_size: 
 def run(cfg: EvalConfig) -> dict[str, float]:
     default_threads()
     model, tokenizer = load_model(cfg.model.model, trust_remote_code=cfg.model.trust_remote_code)
-    source = cfg.data.data or cfg.data.eval_data
-    if not source:
-        raise ValueError("evaluate needs prompts: --data")
-    prompts = read_prompts(source, tokenizer, cfg.data.max_length, cfg.data.skip_invalid)
-    if cfg.max_prompts:
-        prompts = prompts[: cfg.max_prompts]
+    prompts = prompts_of(cfg.data, tokenizer, cfg.max_prompts, "evaluate")
     reward = load_reward(cfg.rollout.reward)
     ref_fn = policy_and_reference(model, cfg.reference, cfg.rollout.temperature)
     metrics = evaluate_policy(model, tokenizer, prompts, reward, cfg.rollout.sampling(), ref_fn, seed=cfg.seed,

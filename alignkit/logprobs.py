@@ -34,18 +34,43 @@ def token_logprobs(
     position_ids: torch.Tensor | None = None,
     temperature: float = 1.0,
     with_entropy: bool = False,
+    shared_prefix: int = 0,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """log p(input_ids[:, t] | input_ids[:, :t]) at every t where ``target_mask[:, t]`` is set; 0 elsewhere.
 
     Shapes: input_ids, target_mask, attention_mask, position_ids (B, L) -> (B, L) fp32. Position 0 can never be
     a target. ``temperature`` divides the logits (PPO scores samples under the distribution they came from).
     With ``with_entropy`` also returns the entropy of the predictive distribution at the same positions.
+    ``shared_prefix`` n > 0: the first n columns are a prompt that consecutive rows may repeat (a GRPO group);
+    see ``backbone_hidden``.
     """
     backbone, head = _backbone_and_head(model)
-    hidden = backbone(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-    ).last_hidden_state  # (B, L, H)
+    hidden = backbone_hidden(backbone, input_ids, attention_mask, position_ids, shared_prefix)
     return logprobs_from_hidden(hidden, head, input_ids, target_mask, temperature, with_entropy)
+
+
+def backbone_hidden(backbone, input_ids, attention_mask=None, position_ids=None, shared_prefix: int = 0):
+    """Last hidden states (B, L, H). With ``shared_prefix`` n, consecutive rows whose first n columns (and mask)
+    are equal run those columns once: their keys/values are computed for one row per group, repeated for the
+    group (autograd flows through the repeat), and the remaining columns attend to them as a KV cache. For
+    GRPO's 4 samples per prompt that removes 3/4 of the prompt tokens from the forward and the backward."""
+    n = shared_prefix
+    if n > 0 and attention_mask is not None and n < input_ids.shape[1]:
+        prefix = torch.cat([input_ids[:, :n], attention_mask[:, :n].to(input_ids.dtype)], dim=1)
+        _, group, counts = torch.unique_consecutive(prefix, dim=0, return_inverse=True, return_counts=True)
+        if counts.numel() < input_ids.shape[0]:
+            first = torch.cumsum(counts, 0) - counts  # the first row of each group
+            positions = position_ids if position_ids is not None else \
+                (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+            head_out = backbone(input_ids=input_ids[first, :n], attention_mask=attention_mask[first, :n],
+                                position_ids=positions[first, :n], use_cache=True)
+            cache = head_out.cache
+            cache.batch_select_indices(group)
+            rest = backbone(input_ids=input_ids[:, n:], attention_mask=attention_mask, position_ids=positions[:, n:],
+                            cache=cache, use_cache=True).last_hidden_state
+            return torch.cat([head_out.last_hidden_state[group], rest], dim=1)
+    return backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                    use_cache=False).last_hidden_state
 
 
 def logprobs_from_hidden(
@@ -158,5 +183,7 @@ class LogprobModel(nn.Module):
         super().__init__()
         self.lm = lm
 
-    def forward(self, input_ids, target_mask, attention_mask=None, position_ids=None, temperature: float = 1.0):
-        return token_logprobs(self.lm, input_ids, target_mask, attention_mask, position_ids, temperature)
+    def forward(self, input_ids, target_mask, attention_mask=None, position_ids=None, temperature: float = 1.0,
+                shared_prefix: int = 0):
+        return token_logprobs(self.lm, input_ids, target_mask, attention_mask, position_ids, temperature,
+                              shared_prefix=shared_prefix)

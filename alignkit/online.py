@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from alignkit.config import arg
+from alignkit.config import DataConfig, arg
 from alignkit.data import PromptExample, prompt_example, read_examples
 from alignkit.logprobs import LogprobModel
 from alignkit.models import adapter_disabled
@@ -41,6 +41,15 @@ class RolloutConfig:
 
 def read_prompts(source: str, tokenizer, max_length: int, skip_invalid: bool = False) -> list[PromptExample]:
     return read_examples(source, prompt_example, tokenizer, max_length, skip_invalid)
+
+
+def prompts_of(data: DataConfig, tokenizer, max_prompts: int = 0, command: str = "this command") -> list[PromptExample]:
+    """The prompts of ``--data`` (else ``--eval-data``), the first ``max_prompts`` of them when > 0."""
+    source = data.data or data.eval_data
+    if not source:
+        raise ValueError(f"{command} needs prompts: --data (or --eval-data)")
+    prompts = read_prompts(source, tokenizer, data.max_length, data.skip_invalid)
+    return prompts[:max_prompts] if max_prompts else prompts
 
 
 def prompt_batch(prompts: list[PromptExample], step: int, n: int, seed: int) -> list[PromptExample]:
@@ -168,7 +177,8 @@ def response_logprobs(module, rollout: Rollout, temperature: float = 1.0) -> tor
     target = torch.zeros_like(input_ids, dtype=torch.bool)
     target[:, start:] = rollout.response_mask.bool()
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    return module(input_ids, target, attention_mask, position_ids, temperature)[:, start:]
+    # rows of one prompt (a GRPO group, RAFT's K candidates) share the prompt's forward
+    return module(input_ids, target, attention_mask, position_ids, temperature, shared_prefix=start)[:, start:]
 
 
 def rows(rollout: Rollout, index: torch.Tensor | slice) -> Rollout:

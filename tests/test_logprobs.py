@@ -58,3 +58,47 @@ def test_extreme_logits_stay_finite():
     assert float(got[0].detach()) == pytest.approx(-200.0, abs=1e-3)
     got.sum().backward()
     assert torch.isfinite(hidden.grad).all()
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_shared_prompt_forward_equals_the_full_forward(lora):
+    """Rows repeating a (left-padded) prompt run it once; log-probs and every gradient are unchanged. Groups of
+    unequal size (3, 1, 2) and a padded response row included."""
+    from alignkit.logprobs import token_logprobs
+    from alignkit.models import LoraSettings, add_lora, tiny_causal_lm
+
+    model, _ = tiny_causal_lm(num_layers=2, hidden_size=64)
+    if lora:
+        model = add_lora(model, LoraSettings(r=4, alpha=8))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.1)
+    torch.manual_seed(0)
+    prompt_len, response_len, sizes = 6, 5, torch.tensor([3, 1, 2])
+    prompts = torch.randint(5, 1000, (3, prompt_len))
+    prompt_mask = torch.ones(3, prompt_len, dtype=torch.long)
+    prompt_mask[0, :2] = 0  # left padding
+    prompt_mask[2, :1] = 0
+    rows = sum(sizes.tolist())
+    input_ids = torch.cat([prompts.masked_fill(prompt_mask == 0, 2).repeat_interleave(sizes, 0),
+                           torch.randint(5, 1000, (rows, response_len))], 1)
+    attention_mask = torch.cat([prompt_mask.repeat_interleave(sizes, 0), torch.ones(rows, response_len, dtype=torch.long)], 1)
+    attention_mask[1, -2:] = 0  # a shorter response, right-padded
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    target = torch.zeros_like(input_ids, dtype=torch.bool)
+    target[:, prompt_len:] = attention_mask[:, prompt_len:].bool()
+    weights = torch.randn(rows, prompt_len + response_len)
+
+    def run(shared: int):
+        model.zero_grad()
+        out = token_logprobs(model, input_ids, target, attention_mask, position_ids, 0.9, shared_prefix=shared)
+        (out * weights).sum().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    full, full_grads = run(0)
+    shared, shared_grads = run(prompt_len)
+    torch.testing.assert_close(shared, full, atol=1e-5, rtol=0)
+    assert shared_grads.keys() == full_grads.keys() and full_grads
+    for name, grad in full_grads.items():
+        torch.testing.assert_close(shared_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)

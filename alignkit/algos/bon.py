@@ -30,7 +30,7 @@ import torch
 from alignkit.config import DataConfig, ModelConfig, arg
 from alignkit.engine import default_threads
 from alignkit.models import load_model
-from alignkit.online import RolloutConfig, read_prompts, rollout_and_score
+from alignkit.online import RolloutConfig, prompts_of, rollout_and_score
 from alignkit.rewards import load_reward
 
 
@@ -66,12 +66,7 @@ def run(cfg: BoNConfig) -> BoNResult:
     default_threads()
     model, tokenizer = load_model(cfg.model.model, trust_remote_code=cfg.model.trust_remote_code)
     reward = load_reward(cfg.rollout.reward)
-    source = cfg.data.data or cfg.data.eval_data
-    if not source:
-        raise ValueError("best-of-N needs prompts: --data (or --eval-data)")
-    prompts = read_prompts(source, tokenizer, cfg.data.max_length, cfg.data.skip_invalid)
-    if cfg.max_prompts:
-        prompts = prompts[: cfg.max_prompts]
+    prompts = prompts_of(cfg.data, tokenizer, cfg.max_prompts, "best-of-N")
     n, per_batch = cfg.rollout.group_size, max(1, cfg.rollout.prompts_per_step)
     sampling = cfg.rollout.sampling()
     generator = torch.Generator().manual_seed(cfg.seed)
