@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+from flops import matmul_gflops
 
 GOOD = ["a warm, funny and beautifully acted film", "a gripping story with a superb cast", "moving, clever and full of heart",
         "the best thing I have seen this year", "a delight from start to finish, with wonderful music"]
@@ -110,6 +111,23 @@ def dpo_loss_on(model_dir: Path, init_path: str, data: Path) -> float:
     return total / len(items)
 
 
+def flop_bound(model_path: str, data: Path, gflops: float) -> tuple[float, float]:
+    """(TFLOP, seconds) that one epoch cannot go below: policy forward + backward over every real token (LM head
+    at response tokens only), plus one reference forward of the same tokens."""
+    from flops import linear_params, train_flops
+
+    from alignkit.data import preference_example, read_examples
+    from alignkit.models import load_model
+
+    model, tokenizer = load_model(model_path)
+    examples = read_examples(str(data), preference_example, tokenizer, 128)
+    tokens = sum(2 * len(e.prompt_ids) + len(e.chosen_ids) + len(e.rejected_ids) for e in examples)
+    responses = sum(len(e.chosen_ids) + len(e.rejected_ids) for e in examples)
+    body, head = linear_params(model)
+    flop = train_flops(body, head, tokens, responses, tokens, responses)
+    return flop / 1e12, flop / (gflops * 1e9)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--models", default="tiny,smollm2")
@@ -121,7 +139,9 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-dpo-"))
     data = work / "pairs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in make_pairs(args.pairs)))
-    print(f"threads {torch.get_num_threads()}, bf16 {'on' if bf16 else 'off (no native bf16 on this CPU)'}")
+    gflops = matmul_gflops(torch.bfloat16 if bf16 else torch.float32)
+    print(f"threads {torch.get_num_threads()}, bf16 {'on' if bf16 else 'off (no native bf16 on this CPU)'}, "
+          f"matmul {gflops:.0f} GFLOP/s")
     for name in args.models.split(","):
         if name == "tiny":
             model, tokenizer = tiny_causal_lm(num_layers=2, hidden_size=128)
@@ -142,6 +162,9 @@ def main() -> None:
         print(f"[{name}] alignkit {t_ours:7.1f} s ({args.pairs / t_ours:5.2f} pairs/s, peak RSS {rss_ours:.0f} MB) | "
               f"TRL best {t_trl:7.1f} s ({args.pairs / t_trl:5.2f} pairs/s, peak RSS so far {rss_both:.0f} MB) | "
               f"speed-up {t_trl / t_ours:4.2f}x")
+        tflop, bound = flop_bound(path, data, gflops)
+        print(f"[{name}] FLOP bound: {tflop:.2f} TFLOP = {bound:.1f} s at {gflops:.0f} GFLOP/s; "
+              f"alignkit {t_ours / bound:.1f}x the bound, TRL {t_trl / bound:.1f}x")
         print(f"[{name}] DPO loss on the pairs after one epoch (start 0.6931): alignkit {loss_ours:.4f}, TRL {loss_trl:.4f}, "
               f"|diff| {abs(loss_ours - loss_trl):.4f}")
     shutil.rmtree(work, ignore_errors=True)

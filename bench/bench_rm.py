@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import torch
+from flops import matmul_gflops
 
 LR = 1e-5
 MAX_LENGTH = 128
@@ -155,6 +156,22 @@ def launch(kind: str, init: Path, data: Path, out: Path, threads: int) -> dict:
     return {**json.loads(lines[-1][len("RESULT "):]), "load": (load + os.getloadavg()[0]) / 2}
 
 
+def flop_bound(init: Path, data: Path, gflops: float) -> tuple[float, float]:
+    """(TFLOP, seconds) one epoch cannot go below: forward + backward of the backbone over every real token of
+    chosen and rejected (the score head is one row: negligible)."""
+    from flops import train_flops
+
+    from alignkit.algos.rm import load_reward_model
+    from alignkit.data import preference_example, read_examples
+
+    model, tokenizer = load_reward_model(str(init))
+    examples = read_examples(str(data), preference_example, tokenizer, MAX_LENGTH)
+    tokens = sum(2 * len(e.prompt_ids) + len(e.chosen_ids) + len(e.rejected_ids) for e in examples)
+    body = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and "embed" not in n and "score" not in n)
+    flop = train_flops(body, 0, tokens, 0)
+    return flop / 1e12, flop / (gflops * 1e9)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--models", default="tiny,smollm2")
@@ -179,6 +196,8 @@ def main() -> None:
     print(f"{args.pairs} pairs, batch {BATCH}, max length {MAX_LENGTH}, 1 epoch, lr {LR}; {os.cpu_count()} CPUs, "
           f"torch threads {args.threads or torch.get_num_threads()}, "
           f"bf16 {'native' if bf16_is_fast() else 'emulated (off)'}, load average {os.getloadavg()[0]:.1f}")
+    gflops = matmul_gflops(torch.bfloat16 if bf16_is_fast() else torch.float32)
+    print(f"matmul rate {gflops:.0f} GFLOP/s")
     ok = True
     for name in args.models.split(","):
         init = init_checkpoint(name, work)
@@ -191,6 +210,9 @@ def main() -> None:
             print(f"[{name}] {label:12s} train {r['train_s']:7.1f} s ({args.pairs / r['train_s']:6.2f} pairs/s), "
                   f"process {r['total_s']:7.1f} s, CPU {r['cpu_s']:7.1f} s, peak RSS {r['peak_rss_mb']:6.0f} MB, "
                   f"load {r['load']:.1f}{ratio}" + (f"  [{r['setting']}]" if "setting" in r else ""))
+        tflop, bound = flop_bound(init, data, gflops)
+        print(f"[{name}] FLOP bound: {tflop:.2f} TFLOP = {bound:.1f} s at {gflops:.0f} GFLOP/s; alignkit "
+              f"{ours['train_s'] / bound:.1f}x the bound, TRL best {results['trl']['train_s'] / bound:.1f}x")
         for kind in [k for k in results if k != "alignkit"]:
             theirs = results[kind]["losses"]
             diff = max(abs(a - b) for a, b in zip(ours["losses"], theirs, strict=True))

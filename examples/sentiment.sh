@@ -47,7 +47,7 @@ dpo() {
 
 grpo() {
   timed "$AK" grpo --model smollm2-135m --lora --data "$TRAIN" "${COMMON[@]}" --prompts-per-step 16 --group-size 4 \
-    --batch-size 32 --grad-accum 2 --lr 1e-4 --beta 0.04 --max-steps 25 --eval-prompts 0 --report-to none \
+    --batch-size 32 --grad-accum 2 --lr 5e-4 --beta 0.04 --max-steps 25 --eval-prompts 0 --report-to none \
     --output-dir "$OUT/grpo"
   evaluate grpo "$OUT/grpo"
 }
@@ -61,7 +61,7 @@ ppo() {
 
 raft() {
   timed "$AK" raft --model smollm2-135m --lora --data "$TRAIN" "${COMMON[@]}" --prompts-per-step 50 --group-size 4 \
-    --stages 4 --batch-size 8 --lr 2e-4 --eval-prompts 0 --report-to none --output-dir "$OUT/raft"
+    --stages 8 --sft-epochs 2 --batch-size 8 --lr 5e-4 --eval-prompts 0 --report-to none --output-dir "$OUT/raft"
   evaluate raft "$OUT/raft"
 }
 

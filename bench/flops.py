@@ -1,0 +1,38 @@
+"""FLOP bounds for the benchmarks: the matmul work a step cannot avoid, and this machine's measured matmul rate.
+
+A decoder token costs 2·N_body multiply-adds forward (N_body = the weights of the linear layers of the blocks),
+plus 2·N_head at positions where the LM head is needed; backward costs twice the forward. Attention scores and
+element-wise work are left out (small at these lengths), so the bound is optimistic: nothing can beat it.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+
+def linear_params(model) -> tuple[int, int]:
+    """(body, head) weight counts: 2-D weights of the blocks, and the LM head (vocab x hidden)."""
+    head = model.get_output_embeddings().weight.numel()
+    body = sum(p.numel() for n, p in model.named_parameters()
+               if p.dim() == 2 and "embed" not in n and "lm_head" not in n)
+    return body, head
+
+
+def train_flops(body: int, head: int, tokens: int, head_tokens: int, frozen_tokens: int = 0,
+                frozen_head_tokens: int = 0) -> float:
+    """Forward + backward over ``tokens`` (head at ``head_tokens``), plus forward-only passes (reference)."""
+    return 6.0 * (body * tokens + head * head_tokens) + 2.0 * (body * frozen_tokens + head * frozen_head_tokens)
+
+
+def matmul_gflops(dtype: torch.dtype = torch.float32, size: int = 1024, seconds: float = 2.0) -> float:
+    """Best sustained rate of a square matmul on this machine, all torch threads."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    torch.mm(a, b)
+    best, deadline = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = max(best, 2 * size**3 / (time.perf_counter() - start) / 1e9)
+    return best
