@@ -134,12 +134,12 @@ class HeadLogprobs(torch.autograd.Function):
                 logits.div_(temperature)
             logits.sub_(logits.amax(-1, keepdim=True))
             shifted_target = logits.gather(1, targets[chunk, None]).squeeze(1)
-            if with_entropy:  # H = log Σ e^x − Σ softmax·x, on the max-shifted logits x
-                total = torch.logsumexp(logits, -1)
-                entropy[chunk] = total - (torch.softmax(logits, -1) * logits).sum(-1)
-            exp = logits.exp_()
+            # the entropy needs the logits after exponentiating, so only then is exp not taken in place
+            exp = logits.exp() if with_entropy else logits.exp_()
             total = exp.sum(-1)
             out[chunk] = shifted_target - total.log()
+            if with_entropy:  # H = log Σ e^x − Σ e^x·x / Σ e^x, on the max-shifted logits x
+                entropy[chunk] = total.log() - (exp * logits).sum(-1) / total
             if for_backward:
                 exps.append(exp)
                 sums.append(total)

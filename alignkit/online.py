@@ -17,7 +17,7 @@ import torch
 from alignkit.config import DataConfig, arg
 from alignkit.data import PromptExample, prompt_example, read_examples
 from alignkit.logprobs import LogprobModel
-from alignkit.models import adapter_disabled
+from alignkit.models import adapter_disabled, load_model
 from alignkit.rewards import RewardModelSource, RewardSource
 from alignkit.rollout import Rollout, SamplingConfig, sample
 
@@ -208,8 +208,6 @@ def reference_logprobs(model, lora: bool, path: str = "", temperature: float = 1
     ``path`` when given; else, with LoRA, the policy's own base with the adapter disabled (no copy held); else a
     frozen copy of the policy's weights as they are now (so call it before any update or resume)."""
     if path:
-        from alignkit.models import load_model
-
         ref_model, context = load_model(path)[0].to(device), nullcontext
     elif lora:
         ref_model, context = model, partial(adapter_disabled, model)
