@@ -37,7 +37,7 @@ from alignkit.data import (
     ranked_example,
     read_examples,
 )
-from alignkit.data.examples import split_implicit_prompt
+from alignkit.data.examples import split_implicit_prompt, split_prompt_turns
 from alignkit.data.records import Record
 from alignkit.engine import Engine, TrainConfig, default_threads, distributed_state, total_steps_for
 from alignkit.losses import bradley_terry_loss, ranked_bradley_terry_loss, reward_centering_loss
@@ -179,6 +179,10 @@ def text_rm_example(record: Record, tokenizer, max_length: int | None) -> Prefer
     if implicit and all(isinstance(data.get(k), (str, list)) for k in ("chosen", "rejected")):
         data["prompt"], data["chosen"], data["rejected"] = split_implicit_prompt(
             data["chosen"], data["rejected"], record.where
+        )
+    elif "responses" not in data and all(isinstance(data.get(k), (str, list)) for k in ("prompt", "chosen", "rejected")):
+        data["prompt"], data["chosen"], data["rejected"] = split_prompt_turns(
+            data["prompt"], data["chosen"], data["rejected"], record.where
         )
     prompt = data.get("prompt")
     # the data layer validates fields, margins, labels and scores on a plain-text copy
