@@ -8,11 +8,25 @@
 
 from __future__ import annotations
 
-import pytest
+import json
 
-from alignkit.data import DataError, Record, preference_example
+import pytest
+from conftest import write_jsonl
+
+from alignkit.algos import bon, rm, rrhf
+from alignkit.config import DataConfig, ModelConfig
+from alignkit.data import (
+    DataError,
+    Record,
+    encode_prompt,
+    preference_example,
+    ranked_example,
+    read_examples,
+    sft_example,
+)
 from alignkit.data.examples import split_implicit_prompt
 from alignkit.models import load_tokenizer
+from alignkit.online import RolloutConfig
 
 
 @pytest.fixture(scope="module")
@@ -128,3 +142,52 @@ def test_ultrafeedback_shape_for_an_encoder_reward_model():
     ours = text_rm_example(rec(record), encoder_tok, None)
     assert ours == text_rm_example(rec(explicit), encoder_tok, None)
     assert encoder_tok.decode(ours.chosen_ids).lower().count("haiku") == 1
+
+
+# ------------------------------------------------------------------------- item 5: bon's files, both shapes
+
+
+@pytest.mark.parametrize("shape", ["string", "messages"])
+def test_bon_files_read_back_by_the_commands_they_are_for(tiny_model_dir, tmp_path, tok, shape):
+    """bon.jsonl as ranked data (rrhf, rm) and SFT data, pairs.jsonl as preference data (dpo, rm): each record
+    reads back with the prompt ids bon sampled from and the sampled text as the completion."""
+    prompts = [f"Review {i}:" if shape == "string" else [user(f"Review {i}:")] for i in range(4)]
+    data = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in prompts])
+    out = tmp_path / "bon"
+    bon.run(bon.BoNConfig(model=ModelConfig(model=str(tiny_model_dir)), data=DataConfig(data=str(data), max_length=64),
+                          rollout=RolloutConfig(reward="length:8", prompts_per_step=4, group_size=4, max_new_tokens=8),
+                          output_dir=str(out)))
+    records = [json.loads(line) for line in (out / "bon.jsonl").read_text().splitlines()]
+    pairs = [json.loads(line) for line in (out / "pairs.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in records] == prompts and pairs
+    # the end of a completion as the data layer encodes it: EOS after plain text, the template's end of turn
+    end = "<|im_end|>" if shape == "string" else "<|im_end|>\n"
+
+    def text(completion) -> str:
+        if shape == "messages":
+            assert isinstance(completion, list) and [m["role"] for m in completion] == ["assistant"]
+            return completion[0]["content"]
+        assert isinstance(completion, str)
+        return completion
+
+    source = str(out / "bon.jsonl")
+    for ranked in (read_examples(source, ranked_example, tok, None), read_examples(source, rm.rm_example, tok, None),
+                   rrhf.read_ranked(source, tok, 256, False, None)):
+        assert len(ranked) == len(records)
+        for example, record in zip(ranked, records):
+            assert example.prompt_ids == encode_prompt(tok, record["prompt"])
+            assert [tok.decode(r) for r in example.responses_ids] == [text(r) + end for r in record["responses"]]
+            assert example.scores == record["scores"]
+    for example, record in zip(read_examples(source, sft_example, tok, None), records):
+        n_prompt = len(encode_prompt(tok, record["prompt"]))
+        assert example.input_ids[:n_prompt] == encode_prompt(tok, record["prompt"])
+        assert tok.decode(example.labels[n_prompt:]) == text(record["completion"]) + end
+
+    source = str(out / "pairs.jsonl")
+    for preference in (read_examples(source, preference_example, tok, None), read_examples(source, rm.rm_example, tok, None)):
+        assert len(preference) == len(pairs)
+        for example, pair in zip(preference, pairs):
+            assert example.prompt_ids == encode_prompt(tok, pair["prompt"])
+            assert tok.decode(example.chosen_ids) == text(pair["chosen"]) + end
+            assert tok.decode(example.rejected_ids) == text(pair["rejected"]) + end
+            assert example.margin == pair["margin"] > 0
