@@ -514,7 +514,7 @@ def test_no_valid_examples_raises(tmp_path, tok):
     assert str(e.value) == "no valid examples (skipped: {\"empty 'prompt'\": 1, \"missing field 'prompt'\": 1})"
     with pytest.raises(DataError) as e:
         build_examples([], sft_example, tok)
-    assert str(e.value) == "no valid examples"
+    assert str(e.value) == "no valid examples (no records)"
     with pytest.raises(ValueError, match="on_error must be 'raise' or 'skip'"):
         build_examples(bad, sft_example, tok, on_error="ignore")
 

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from alignkit.config import DataConfig, ModelConfig, arg
+from alignkit.config import DataConfig, ModelConfig, OptionError, arg, at_least
 from alignkit.engine import default_threads
 from alignkit.models import load_model
 from alignkit.online import RolloutConfig, prompts_of, rollout_and_score
@@ -44,7 +44,11 @@ class BoNConfig:
     data: DataConfig = field(default_factory=lambda: DataConfig(max_length=256))
     rollout: RolloutConfig = field(default_factory=lambda: RolloutConfig(group_size=8))
     output_dir: str = arg("runs/bon", "bon.jsonl (best completion per prompt) and summary.json go here")
-    max_prompts: int = arg(0, "answer only the first N prompts of --data (or --eval-data); 0: all")
+    max_prompts: int = arg(0, "answer only the first N prompts of --data (or --eval-data); 0: all", check=at_least(0))
+
+    def check(self) -> None:
+        if not (self.data.data or self.data.eval_data):
+            raise OptionError("data", "", "best-of-N needs prompts: --data (or --eval-data)")
     seed: int = arg(0, "sampling seed")
 
 

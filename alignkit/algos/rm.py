@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from alignkit.config import DataConfig, ModelConfig, arg
+from alignkit.config import DataConfig, ModelConfig, arg, at_least, need_data
 from alignkit.data import (
     DataError,
     PreferenceExample,
@@ -50,8 +50,12 @@ class RMConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-5))
-    center_rewards_coefficient: float = arg(0.0, "weight of (r_w + r_l)^2, keeps rewards centred (0.01 suggested)")
+    center_rewards_coefficient: float = arg(0.0, "weight of (r_w + r_l)^2, keeps rewards centred (0.01 suggested)",
+                                            check=at_least(0))
     packing: bool = arg(True, "causal LMs (SDPA attention): each prompt once, then its answers, packed in rows")
+
+    def check(self) -> None:
+        need_data(self.data)
 
 
 # ------------------------------------------------------------------------------------------------------ model

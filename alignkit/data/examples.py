@@ -360,13 +360,16 @@ def build_examples(
     tokenizer,
     max_length: int | None = None,
     on_error: str = "raise",
+    source: Any = "",
 ) -> tuple[list, Counter]:
     """Validate and tokenise every record. Returns the examples and a Counter of skipped records by reason
-    (always empty with ``on_error="raise"``, which stops at the first invalid record)."""
+    (always empty with ``on_error="raise"``, which stops at the first invalid record). ``source`` names the
+    data in the error raised when nothing is left."""
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
-    examples, skipped = [], Counter()
+    examples, skipped, seen = [], Counter(), 0
     for record in records:
+        seen += 1
         try:
             examples.append(make(record, tokenizer, max_length))
         except DataError as e:
@@ -374,7 +377,9 @@ def build_examples(
                 raise
             skipped[e.reason] += 1
     if not examples:
-        raise DataError("no valid examples" + (f" (skipped: {dict(skipped)})" if skipped else ""))
+        name = f"{source}: " if isinstance(source, (str, os.PathLike)) and str(source) else ""
+        detail = f" (skipped: {dict(skipped)})" if skipped else " (no records)" if not seen else ""
+        raise DataError(f"{name}no valid examples{detail}")
     return examples, skipped
 
 
@@ -384,7 +389,8 @@ def read_examples(source: Any, make: Callable, tokenizer, max_length: int | None
 
     from alignkit.data.records import load_records
 
-    examples, skipped = build_examples(load_records(source), make, tokenizer, max_length, "skip" if skip_invalid else "raise")
+    examples, skipped = build_examples(load_records(source), make, tokenizer, max_length, "skip" if skip_invalid else "raise",
+                                       source)
     if skipped:
         detail = ", ".join(f"{n} {reason}" for reason, n in skipped.most_common())
         print(f"alignkit: {source}: skipped {sum(skipped.values())} invalid records ({detail})", file=sys.stderr)
