@@ -33,7 +33,7 @@ from accelerate.utils import send_to_device, set_seed
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from alignkit.config import arg
+from alignkit.config import above, arg, at_least, between
 from alignkit.models import _atomic_dir, bf16_is_fast, unwrap
 
 
@@ -41,29 +41,41 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the run stopped and the last good checkpoint was kept."""
 
 
+TRACKERS = ("tensorboard", "wandb", "mlflow")
+
+
+def _trackers_check(value: str) -> str | None:
+    names = [n.strip() for n in value.split(",") if n.strip()]
+    if all(n in (*TRACKERS, "none") for n in names):
+        return None
+    return f"expected a comma-separated list of {', '.join(TRACKERS)} or none"
+
+
 @dataclass
 class TrainConfig:
     """Flags every trainer shares."""
 
     output_dir: str = arg("runs/alignkit", "checkpoints go in checkpoint-N/, the final model in final/")
-    max_steps: int = arg(-1, "optimizer steps; -1 derives them from epochs")
-    epochs: float = arg(1.0, "passes over the data when max_steps is -1")
-    batch_size: int = arg(8, "examples per process per micro-batch")
-    grad_accum: int = arg(1, "micro-batches per optimizer step")
-    lr: float = arg(1e-5, "peak learning rate (AdamW)")
-    weight_decay: float = arg(0.0, "AdamW weight decay")
-    warmup_steps: int = arg(0, "linear warmup steps; overrides warmup_ratio when > 0")
-    warmup_ratio: float = arg(0.0, "fraction of the steps spent warming up")
-    schedule: str = arg("cosine", "learning-rate decay after warmup: cosine, linear or constant")
-    max_grad_norm: float = arg(1.0, "gradient clipping norm; 0 disables")
-    mixed_precision: str = arg("auto", "bf16 (autocast, fp32 master weights), no, or auto: bf16 where the hardware has it")
+    max_steps: int = arg(-1, "optimizer steps; -1 derives them from epochs", check=at_least(-1))
+    epochs: float = arg(1.0, "passes over the data when max_steps is -1", check=above(0))
+    batch_size: int = arg(8, "examples per process per micro-batch", check=at_least(1))
+    grad_accum: int = arg(1, "micro-batches per optimizer step", check=at_least(1))
+    lr: float = arg(1e-5, "peak learning rate (AdamW)", check=above(0))
+    weight_decay: float = arg(0.0, "AdamW weight decay", check=at_least(0))
+    warmup_steps: int = arg(0, "linear warmup steps; overrides warmup_ratio when > 0", check=at_least(0))
+    warmup_ratio: float = arg(0.0, "fraction of the steps spent warming up", check=between(0, 1))
+    schedule: str = arg("cosine", "learning-rate decay after warmup: cosine, linear or constant",
+                        choices=("cosine", "linear", "constant"))
+    max_grad_norm: float = arg(1.0, "gradient clipping norm; 0 disables", check=at_least(0))
+    mixed_precision: str = arg("auto", "bf16 (autocast, fp32 master weights), no, or auto: bf16 where the hardware has it",
+                               choices=("auto", "bf16", "no"))
     seed: int = arg(0, "seed for initialisation, shuffling and sampling")
-    save_steps: int = arg(0, "write a checkpoint every N steps; 0: only the final model")
-    save_total_limit: int = arg(2, "checkpoints kept, oldest removed first")
-    log_steps: int = arg(1, "log metrics every N steps")
-    eval_steps: int = arg(0, "evaluate every N steps; 0: before and after training only")
+    save_steps: int = arg(0, "write a checkpoint every N steps; 0: only the final model", check=at_least(0))
+    save_total_limit: int = arg(2, "checkpoints kept, oldest removed first", check=at_least(1))
+    log_steps: int = arg(1, "log metrics every N steps", check=at_least(1))
+    eval_steps: int = arg(0, "evaluate every N steps; 0: before and after training only", check=at_least(0))
     resume: bool = arg(False, "continue from the newest checkpoint in output_dir")
-    report_to: str = arg("tensorboard", "comma-separated trackers: tensorboard, wandb, mlflow, none")
+    report_to: str = arg("tensorboard", "comma-separated trackers: tensorboard, wandb, mlflow, none", check=_trackers_check)
     progress: bool = arg(True, "show a progress bar with ETA")
 
     @property

@@ -16,7 +16,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from alignkit.config import DataConfig, ModelConfig, arg
+from alignkit.config import DataConfig, ModelConfig, arg, at_least, model_location
 from alignkit.engine import default_threads
 from alignkit.models import load_model
 from alignkit.online import (
@@ -34,8 +34,9 @@ class EvalConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=lambda: DataConfig(data="bundled:movie_prompts_test", max_length=256))
     rollout: RolloutConfig = field(default_factory=lambda: RolloutConfig(group_size=4, prompts_per_step=64))
-    reference: str = arg("", "reference model for the KL; empty: the base model under a LoRA adapter, else none")
-    max_prompts: int = arg(0, "evaluate only the first N prompts; 0: all")
+    reference: str = arg("", "reference model for the KL; empty: the base model under a LoRA adapter, else none",
+                         check=model_location)
+    max_prompts: int = arg(0, "evaluate only the first N prompts; 0: all", check=at_least(0))
     seed: int = arg(1234, "sampling seed (the same seed gives the same random stream for every model)")
     output: str = arg("", "also write the metrics as JSON to this file")
 

@@ -6,6 +6,7 @@ hub id or local directory, or an alignkit run directory (its ``final/`` model, e
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -133,6 +134,22 @@ def resolve(name_or_path: str) -> str:
     return name_or_path
 
 
+def _names_the_model(load):
+    """An OSError while loading (no such hub repo, offline, missing files) names the model it was loading."""
+
+    @functools.wraps(load)
+    def wrapper(name_or_path: str, *args, **kwargs):
+        try:
+            return load(name_or_path, *args, **kwargs)
+        except OSError as e:
+            if str(e).startswith(f"model {name_or_path!r}"):
+                raise
+            raise OSError(f"model {name_or_path!r}: {e}") from e
+
+    return wrapper
+
+
+@_names_the_model
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     """Tokenizer with a pad token (the EOS token when the model has none) and left/right padding set later."""
     tokenizer = AutoTokenizer.from_pretrained(resolve(name_or_path), trust_remote_code=trust_remote_code)
@@ -153,6 +170,7 @@ def _adapter_base(path: str | Path) -> str:
     return base
 
 
+@_names_the_model
 def load_model(
     name_or_path: str,
     dtype: str = "fp32",
@@ -195,6 +213,7 @@ def load_model(
     return model, tokenizer
 
 
+@_names_the_model
 def load_sequence_classifier(name_or_path: str, lora: LoraSettings | None = None, trust_remote_code: bool = False,
                              trainable: bool = False):
     """``AutoModelForSequenceClassification(num_labels=1)`` (a reward model) and its tokenizer, from a full

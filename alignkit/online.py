@@ -14,11 +14,11 @@ from typing import Any
 
 import torch
 
-from alignkit.config import DataConfig, arg
+from alignkit.config import DataConfig, OptionError, above, arg, at_least, between, world_size
 from alignkit.data import PromptExample, prompt_example, read_examples
 from alignkit.logprobs import LogprobModel
 from alignkit.models import adapter_disabled, load_model
-from alignkit.rewards import RewardModelSource, RewardSource
+from alignkit.rewards import RewardModelSource, RewardSource, reward_spec_problem
 from alignkit.rollout import Rollout, SamplingConfig, sample
 
 
@@ -26,13 +26,18 @@ from alignkit.rollout import Rollout, SamplingConfig, sample
 class RolloutConfig:
     """Sampling flags shared by the online algorithms."""
 
-    reward: str = arg("vader", "reward source: vader, length:N, regex:PAT, exact, http://..., RM dir, module:function")
-    prompts_per_step: int = arg(16, "prompts sampled per step")
-    group_size: int = arg(4, "responses per prompt (GRPO/RLOO groups, RAFT/BoN candidates)")
-    max_new_tokens: int = arg(32, "response length cap (EOS included)")
-    temperature: float = arg(1.0, "sampling temperature (logits are divided by it in the loss too)")
-    top_p: float = arg(1.0, "nucleus sampling mass; 1.0 = off")
-    eval_prompts: int = arg(32, "held-out prompts scored before and after training (0: none)")
+    reward: str = arg("vader", "reward source: vader, length:N, regex:PAT, exact, http://..., RM dir, module:function",
+                      check=reward_spec_problem)
+    prompts_per_step: int = arg(16, "prompts sampled per step", check=at_least(1))
+    group_size: int = arg(4, "responses per prompt (GRPO/RLOO groups, RAFT/BoN candidates)", check=at_least(1))
+    max_new_tokens: int = arg(32, "response length cap (EOS included)", check=at_least(1))
+    temperature: float = arg(1.0, "sampling temperature (logits are divided by it in the loss too)", check=above(0))
+    top_p: float = arg(1.0, "nucleus sampling mass; 1.0 = off", check=between(0, 1))
+    eval_prompts: int = arg(32, "held-out prompts scored before and after training (0: none)", check=at_least(0))
+
+    def check(self) -> None:
+        if self.top_p == 0:
+            raise OptionError("top_p", self.top_p, "expected a value in (0, 1]")
 
     def sampling(self, greedy: bool = False) -> SamplingConfig:
         return SamplingConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
@@ -50,6 +55,18 @@ def prompts_of(data: DataConfig, tokenizer, max_prompts: int = 0, command: str =
         raise ValueError(f"{command} needs prompts: --data (or --eval-data)")
     prompts = read_prompts(source, tokenizer, data.max_length, data.skip_invalid)
     return prompts[:max_prompts] if max_prompts else prompts
+
+
+def check_minibatches(prompts_per_step: int, group_size: int, batch_size: int, grad_accum: int) -> None:
+    """Each process's rows of a step (its prompts x group_size) must split into whole minibatches of
+    batch_size x grad_accum rows (one optimizer step each); checked before anything is loaded."""
+    world = world_size()
+    if prompts_per_step % world:
+        raise OptionError("prompts_per_step", prompts_per_step, f"must be a multiple of the {world} processes")
+    local_rows, minibatch = prompts_per_step // world * group_size, batch_size * grad_accum
+    if local_rows % minibatch:
+        raise OptionError("batch_size", batch_size, f"{local_rows} rows per process per step (prompts_per_step x "
+                          f"group_size / processes) do not split into minibatches of batch_size x grad_accum = {minibatch}")
 
 
 def prompt_batch(prompts: list[PromptExample], step: int, n: int, seed: int) -> list[PromptExample]:

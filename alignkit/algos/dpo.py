@@ -24,7 +24,17 @@ import torch
 from accelerate.utils import send_to_device
 
 from alignkit import losses
-from alignkit.config import DataConfig, ModelConfig, arg
+from alignkit.config import (
+    DataConfig,
+    ModelConfig,
+    OptionError,
+    above,
+    arg,
+    at_least,
+    between,
+    model_location,
+    need_data,
+)
 from alignkit.data import PreferenceExample, preference_example, read_examples
 from alignkit.data.collate import pad_prompt_completions
 from alignkit.engine import Engine, TrainConfig, default_threads, distributed_state, total_steps_for
@@ -39,13 +49,25 @@ class DPOConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=lambda: DataConfig(max_length=512))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=5e-7, warmup_ratio=0.1))
-    loss: str = arg("sigmoid", "sigmoid (DPO) | ipo | hinge | robust | simpo | orpo")
-    beta: float = arg(0.1, "β: strength of the KL constraint (SimPO: reward scale, paper 2.0)")
-    label_smoothing: float = arg(0.0, "ε: assumed label-flip rate (cDPO with sigmoid, rDPO with robust)")
+    loss: str = arg("sigmoid", "sigmoid (DPO) | ipo | hinge | robust | simpo | orpo",
+                    choices=(*losses.DPO_LOSSES, *REFERENCE_FREE))
+    beta: float = arg(0.1, "β: strength of the KL constraint (SimPO: reward scale, paper 2.0)", check=above(0))
+    label_smoothing: float = arg(0.0, "ε: assumed label-flip rate (cDPO with sigmoid, rDPO with robust)",
+                                 check=between(0, 0.5))
     simpo_gamma: float = arg(0.5, "SimPO target margin γ (paper's γ, in reward units)")
-    orpo_lambda: float = arg(0.1, "ORPO weight λ of the odds-ratio term")
-    reference: str = arg("", "reference model; empty: the initial policy")
+    orpo_lambda: float = arg(0.1, "ORPO weight λ of the odds-ratio term", check=at_least(0))
+    reference: str = arg("", "reference model; empty: the initial policy", check=model_location)
     precompute_ref: bool = arg(True, "compute reference log-probs once before training")
+
+    def check(self) -> None:
+        need_data(self.data)
+        if self.loss in ("ipo", "hinge") and self.label_smoothing:
+            raise OptionError("label_smoothing", self.label_smoothing, f"must be 0 with --loss {self.loss} (not defined for it)")
+        if self.loss == "robust" and self.label_smoothing >= 0.5:
+            raise OptionError("label_smoothing", self.label_smoothing, "robust DPO needs a value < 0.5")
+        if self.loss not in REFERENCE_FREE and not self.precompute_ref and not self.reference and not self.model.lora:
+            raise OptionError("precompute_ref", False, "--no-precompute-ref with full fine-tuning needs --reference MODEL "
+                              "(no second copy is made)")
 
 
 @dataclass

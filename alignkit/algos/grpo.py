@@ -37,13 +37,14 @@ from pathlib import Path
 import torch
 
 from alignkit import losses
-from alignkit.config import DataConfig, ModelConfig, arg
+from alignkit.config import DataConfig, ModelConfig, OptionError, above, arg, at_least, model_location
 from alignkit.engine import Engine, TrainConfig, default_threads, distributed_state
 from alignkit.logprobs import LogprobModel
 from alignkit.models import load_model
 from alignkit.online import (
     RolloutConfig,
     batched_logprobs,
+    check_minibatches,
     evaluate_policy,
     prompt_batch,
     read_prompts,
@@ -69,13 +70,23 @@ class GRPOConfig:
     # max_steps counts rollout steps here; batch_size x grad_accum rows make one optimizer step
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-6, batch_size=32, grad_accum=2, max_steps=100))
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    advantage: str = arg("grpo", "grpo (group mean/std) | rloo (leave-one-out) | reinforce++ (batch-whitened returns)")
-    beta: float = arg(0.04, "β: weight of the KL to the reference; 0 drops the reference model")
-    kl_in: str = arg("auto", "where β·KL goes: loss (k3) | reward (k1, detached) | auto (grpo: loss, else reward)")
-    clip_eps: float = arg(0.2, "ε of the clipped ratio π/π_old")
-    num_iterations: int = arg(1, "passes (PPO epochs) over each rollout")
-    loss_agg: str = arg("token-mean", "token-mean (DAPO) | seq-mean (GRPO paper) | seq-sum (plain REINFORCE)")
-    reference: str = arg("", "reference model; empty: the initial policy")
+    advantage: str = arg("grpo", "grpo (group mean/std) | rloo (leave-one-out) | reinforce++ (batch-whitened returns)",
+                         choices=ADVANTAGES)
+    beta: float = arg(0.04, "β: weight of the KL to the reference; 0 drops the reference model", check=at_least(0))
+    kl_in: str = arg("auto", "where β·KL goes: loss (k3) | reward (k1, detached) | auto (grpo: loss, else reward)",
+                     choices=("auto", "loss", "reward"))
+    clip_eps: float = arg(0.2, "ε of the clipped ratio π/π_old", check=above(0))
+    num_iterations: int = arg(1, "passes (PPO epochs) over each rollout", check=at_least(1))
+    loss_agg: str = arg("token-mean", "token-mean (DAPO) | seq-mean (GRPO paper) | seq-sum (plain REINFORCE)",
+                        choices=AGGREGATIONS)
+    reference: str = arg("", "reference model; empty: the initial policy", check=model_location)
+
+    def check(self) -> None:
+        if self.advantage in ("grpo", "rloo") and self.rollout.group_size < 2:
+            raise OptionError("group_size", self.rollout.group_size, f"--advantage {self.advantage} compares the responses "
+                              "to one prompt: expected at least 2")
+        check_minibatches(self.rollout.prompts_per_step, self.rollout.group_size, self.train.batch_size,
+                          self.train.grad_accum)
 
     def kl_placement(self) -> str:
         if self.kl_in not in ("auto", "loss", "reward"):
@@ -87,7 +98,8 @@ class GRPOConfig:
 
 @dataclass
 class RLOOConfig(GRPOConfig):
-    advantage: str = arg("rloo", "grpo (group mean/std) | rloo (leave-one-out) | reinforce++ (batch-whitened returns)")
+    advantage: str = arg("rloo", "grpo (group mean/std) | rloo (leave-one-out) | reinforce++ (batch-whitened returns)",
+                         choices=ADVANTAGES)
 
 
 # ------------------------------------------------------------------------------------------------ advantages

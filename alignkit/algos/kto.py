@@ -34,7 +34,7 @@ import torch
 from accelerate.utils import send_to_device
 
 from alignkit import losses
-from alignkit.config import DataConfig, ModelConfig, arg
+from alignkit.config import DataConfig, ModelConfig, OptionError, above, arg, model_location, need_data
 from alignkit.data import UnpairedExample, read_examples, unpaired_example
 from alignkit.data.collate import pad_prompt_completions
 from alignkit.engine import Engine, TrainConfig, default_threads, distributed_state, total_steps_for
@@ -50,11 +50,18 @@ class KTOConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=lambda: DataConfig(max_length=512))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-6, warmup_ratio=0.1))
-    beta: float = arg(0.1, "β: scale of the implicit reward β·log(π/π_ref) (paper 0.1)")
-    desirable_weight: float = arg(1.0, "λ_D, loss weight of desirable examples (paper: λ_D·n_D / λ_U·n_U in [1, 4/3])")
-    undesirable_weight: float = arg(1.0, "λ_U, loss weight of undesirable examples")
-    reference: str = arg("", "reference model; empty: the initial policy")
+    beta: float = arg(0.1, "β: scale of the implicit reward β·log(π/π_ref) (paper 0.1)", check=above(0))
+    desirable_weight: float = arg(1.0, "λ_D, loss weight of desirable examples (paper: λ_D·n_D / λ_U·n_U in [1, 4/3])",
+                                  check=above(0))
+    undesirable_weight: float = arg(1.0, "λ_U, loss weight of undesirable examples", check=above(0))
+    reference: str = arg("", "reference model; empty: the initial policy", check=model_location)
     precompute_ref: bool = arg(True, "compute reference log-probs once before training")
+
+    def check(self) -> None:
+        need_data(self.data)
+        if not self.precompute_ref and not self.reference and not self.model.lora:
+            raise OptionError("precompute_ref", False, "--no-precompute-ref with full fine-tuning needs --reference MODEL "
+                              "(no second copy is made)")
 
 
 def mismatched_completions(examples: list[UnpairedExample], seed: int, max_length: int) -> list[list[int]]:

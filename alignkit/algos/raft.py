@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from alignkit.algos.sft import count_targets, sft_loss
-from alignkit.config import DataConfig, ModelConfig, arg
+from alignkit.config import DataConfig, ModelConfig, arg, at_least, need_data
 from alignkit.data import IGNORE, SFTExample
 from alignkit.data.collate import pad_sft
 from alignkit.engine import Engine, TrainConfig, default_threads, distributed_state
@@ -58,9 +58,13 @@ class RAFTConfig:
     data: DataConfig = field(default_factory=lambda: DataConfig(max_length=256))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=2e-5))
     rollout: RolloutConfig = field(default_factory=lambda: RolloutConfig(group_size=8))
-    stages: int = arg(10, "RAFT stages: sample, keep the best per prompt, fine-tune")
-    sft_epochs: int = arg(1, "passes over each stage's kept samples")
-    kl_beta: float = arg(0.0, "rank by reward - kl_beta * log(pi/pi_ref) of the whole response; 0: reward only")
+    stages: int = arg(10, "RAFT stages: sample, keep the best per prompt, fine-tune", check=at_least(1))
+    sft_epochs: int = arg(1, "passes over each stage's kept samples", check=at_least(1))
+    kl_beta: float = arg(0.0, "rank by reward - kl_beta * log(pi/pi_ref) of the whole response; 0: reward only",
+                         check=at_least(0))
+
+    def check(self) -> None:
+        need_data(self.data)
 
 
 # ----------------------------------------------------------------------------------------------- selection

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from alignkit.config import DataConfig, ModelConfig, arg
+from alignkit.config import DataConfig, ModelConfig, arg, at_least, need_data
 from alignkit.data import (
     DataError,
     PreferenceExample,
@@ -37,7 +37,7 @@ from alignkit.data import (
     ranked_example,
     read_examples,
 )
-from alignkit.data.examples import split_implicit_prompt
+from alignkit.data.examples import split_implicit_prompt, split_prompt_turns
 from alignkit.data.records import Record
 from alignkit.engine import Engine, TrainConfig, default_threads, distributed_state, total_steps_for
 from alignkit.losses import bradley_terry_loss, ranked_bradley_terry_loss, reward_centering_loss
@@ -51,8 +51,12 @@ class RMConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-5))
-    center_rewards_coefficient: float = arg(0.0, "weight of (r_w + r_l)^2, keeps rewards centred (0.01 suggested)")
+    center_rewards_coefficient: float = arg(0.0, "weight of (r_w + r_l)^2, keeps rewards centred (0.01 suggested)",
+                                            check=at_least(0))
     packing: bool = arg(True, "causal LMs (SDPA attention): each prompt once, then its answers, packed in rows")
+
+    def check(self) -> None:
+        need_data(self.data)
 
 
 # ------------------------------------------------------------------------------------------------------ model
@@ -179,6 +183,10 @@ def text_rm_example(record: Record, tokenizer, max_length: int | None) -> Prefer
     if implicit and all(isinstance(data.get(k), (str, list)) for k in ("chosen", "rejected")):
         data["prompt"], data["chosen"], data["rejected"] = split_implicit_prompt(
             data["chosen"], data["rejected"], record.where
+        )
+    elif "responses" not in data and all(isinstance(data.get(k), (str, list)) for k in ("prompt", "chosen", "rejected")):
+        data["prompt"], data["chosen"], data["rejected"] = split_prompt_turns(
+            data["prompt"], data["chosen"], data["rejected"], record.where
         )
     prompt = data.get("prompt")
     # the data layer validates fields, margins, labels and scores on a plain-text copy

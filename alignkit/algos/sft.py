@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from alignkit.config import DataConfig, ModelConfig, arg
+from alignkit.config import DataConfig, ModelConfig, arg, need_data
 from alignkit.data import IGNORE, read_examples, sft_example
 from alignkit.data.collate import collate_packed, pack_sft, pad_sft
 from alignkit.engine import Engine, TrainConfig, default_threads, distributed_state, total_steps_for
@@ -26,6 +26,9 @@ class SFTConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=2e-5))
     packing: bool = arg(False, "pack several short examples into each row of max_length tokens")
+
+    def check(self) -> None:
+        need_data(self.data)
 
 
 def _targets(batch: dict[str, torch.Tensor]) -> torch.Tensor:
