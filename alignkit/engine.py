@@ -165,6 +165,7 @@ class Engine:
             self.accelerator.init_trackers("alignkit", config=_flat_scalars(self.run_config))
         self._bar = None
         self._started = time.time()
+        self.derived_metrics: dict[str, Callable[[dict[str, float]], float]] = {}
 
     # ------------------------------------------------------------------------------------------ properties
     @property
@@ -203,12 +204,18 @@ class Engine:
         ``loss_fn(module, batch) -> (loss_sum, metrics)`` returns the loss summed over the batch's items;
         ``count_fn(batch)`` counts those items (target tokens, pairs, ...). The gradient is that of the mean over
         all items of the global batch (all micro-batches of all processes).
+
+        A metric is logged as its mean over the micro-batches, or, given as a ``(sum, count)`` pair, as
+        Σ sum / Σ count over the whole step (all micro-batches and processes): the mean over the items of a
+        subset that some micro-batches lack (e.g. KTO's desirable examples), left out when the step has none.
+        ``derived_metrics`` (name -> fn(logs)) are computed from the step's logs afterwards.
         """
         local = torch.tensor(float(sum(count_fn(b) for b in micro_batches)), device=self.device)
         total = self.accelerator.reduce(local, reduction="sum").item() if self.world_size > 1 else local.item()
         # DDP averages gradients over processes, hence the world_size factor
         scale = self.world_size / max(total, 1.0)
         sums: dict[str, float] = {}
+        parts: dict[str, tuple[float, float]] = {}  # (sum, count) metrics
         for k, batch in enumerate(micro_batches):
             batch = self.to_device(batch)  # collate builds CPU tensors; the model may sit on a GPU
             last = k == len(micro_batches) - 1
@@ -220,7 +227,11 @@ class Engine:
                     self._diverged(float(loss_sum.detach()))
                 self.accelerator.backward(loss_sum * scale)
             for name, value in metrics.items():
-                sums[name] = sums.get(name, 0.0) + float(value)
+                if isinstance(value, tuple):
+                    total_sum, count = parts.get(name, (0.0, 0.0))
+                    parts[name] = (total_sum + float(value[0]), count + float(value[1]))
+                else:
+                    sums[name] = sums.get(name, 0.0) + float(value)
         logs = {name: value / len(micro_batches) for name, value in sums.items()}
         if self.cfg.max_grad_norm > 0:
             grad_norm = self.accelerator.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
@@ -232,7 +243,20 @@ class Engine:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         logs["lr"] = self.scheduler.get_last_lr()[0]
-        return self._gather_means(logs)
+        logs = {**self._gather_means(logs), **self._gather_ratios(parts)}
+        for name, fn in self.derived_metrics.items():
+            try:
+                logs[name] = fn(logs)
+            except KeyError:  # a metric it needs is absent this step
+                pass
+        return logs
+
+    def _gather_ratios(self, parts: dict[str, tuple[float, float]]) -> dict[str, float]:
+        names = sorted(parts)
+        if self.world_size > 1 and names:  # every process emits the same names, possibly with count 0
+            values = torch.tensor([parts[n] for n in names], device=self.device, dtype=torch.float64)
+            parts = dict(zip(names, self.accelerator.reduce(values, reduction="sum").tolist()))
+        return {name: s / c for name, (s, c) in parts.items() if c > 0}
 
     def _gather_means(self, logs: dict[str, float]) -> dict[str, float]:
         if self.world_size == 1 or not logs:

@@ -1,10 +1,18 @@
 """``alignkit evaluate``: how a policy behaves on held-out prompts — the numbers every alignment run is judged by.
 
 For each prompt, ``group_size`` responses are sampled (fixed seed, so two models are compared on the same
-random stream) and scored by any reward source. Reported: mean/std reward, the KL to a reference model
-KL(π ‖ π_ref) ≈ mean over samples of Σ_t (log π − log π_ref) (a sequence-level Monte Carlo estimate, unbiased
-since the samples come from π at temperature 1), distinct-2 (falls when the policy collapses onto a few
-phrasings: reward hacking), mean response length and the share of responses cut off without EOS.
+random stream) and scored by any reward source. Reported: mean/std reward, the KL to a reference model,
+distinct-2 (falls when the policy collapses onto a few phrasings: reward hacking), mean response length and the
+share of responses cut off without EOS.
+
+The KL is the sequence-level Monte Carlo estimate mean over samples of Σ_t (log π_T(y_t) − log π_ref,T(y_t)),
+where both log-probs are of softmax(logits / T) at the sampling temperature T (``--temperature``) and the
+samples y are drawn from π_T. With ``--top-p 1`` it is therefore an unbiased estimate of KL(π_T ‖ π_ref,T), the
+KL between the two models' temperature-T sampling distributions (over responses of at most
+``--max-new-tokens`` tokens); at T = 1 that is KL(π ‖ π_ref). At T ≠ 1 it is not KL(π ‖ π_ref) of the models
+themselves. With top-p < 1 the samples come from the renormalised nucleus distribution π' while the log-probs
+are those of π_T, and the estimate is E_π'[log π_T − log π_ref,T] = KL(π' ‖ π_ref,T) − KL(π' ‖ π_T), which is
+neither KL exactly.
 
 The reference: ``--reference`` when given; else, for a LoRA run, the base model with the adapter disabled
 (nothing loaded twice); else no KL is reported.

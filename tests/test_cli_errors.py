@@ -75,7 +75,7 @@ def test_algorithm_options(capsys, tiny_model_dir, data, out):
     base = ["--model", str(tiny_model_dir), "--data", data, "--output-dir", str(out)]
     cases = [
         (["dpo", "--loss", "foo"], "--loss 'foo': expected one of sigmoid, ipo, hinge, robust, simpo, orpo"),
-        (["dpo", "--beta", "-1"], "--beta -1.0: expected a value > 0"),
+        (["dpo", "--beta", "-1"], "--beta -1.0: expected a value >= 0"),
         (["dpo", "--loss", "ipo", "--label-smoothing", "0.1"], "--label-smoothing 0.1: must be 0 with --loss ipo "
                                                                 "(not defined for it)"),
         (["dpo", "--no-precompute-ref"], "--precompute-ref False: --no-precompute-ref with full fine-tuning needs "

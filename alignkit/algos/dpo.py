@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
@@ -28,7 +28,6 @@ from alignkit.config import (
     DataConfig,
     ModelConfig,
     OptionError,
-    above,
     arg,
     at_least,
     between,
@@ -42,6 +41,10 @@ from alignkit.logprobs import LogprobModel
 from alignkit.models import adapter_disabled, load_model
 
 REFERENCE_FREE = ("simpo", "orpo")
+# β when --beta is not given: the papers' (and TRL's) defaults. SimPO's β scales a length-normalised reward, so its
+# scale differs: the SimPO repository's default is β = 2.0 with γ/β = 0.25, i.e. γ = 0.5 (our --simpo-gamma, which
+# is γ itself, as TRL's simpo_gamma). ORPO has no β (its weight is --orpo-lambda).
+DEFAULT_BETA = {"sigmoid": 0.1, "ipo": 0.1, "hinge": 0.1, "robust": 0.1, "simpo": 2.0, "orpo": 0.0}
 
 
 @dataclass
@@ -51,13 +54,18 @@ class DPOConfig:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=5e-7, warmup_ratio=0.1))
     loss: str = arg("sigmoid", "sigmoid (DPO) | ipo | hinge | robust | simpo | orpo",
                     choices=(*losses.DPO_LOSSES, *REFERENCE_FREE))
-    beta: float = arg(0.1, "β: strength of the KL constraint (SimPO: reward scale, paper 2.0)", check=above(0))
+    beta: float = arg(0.0, "β: strength of the KL constraint (SimPO: reward scale); 0: the loss's default "
+                           "(0.1; SimPO 2.0)", check=at_least(0))
     label_smoothing: float = arg(0.0, "ε: assumed label-flip rate (cDPO with sigmoid, rDPO with robust)",
                                  check=between(0, 0.5))
-    simpo_gamma: float = arg(0.5, "SimPO target margin γ (paper's γ, in reward units)")
+    simpo_gamma: float = arg(0.5, "SimPO target margin γ in reward units (not γ/β; 0.5 = the paper's 0.25 x β 2.0)")
     orpo_lambda: float = arg(0.1, "ORPO weight λ of the odds-ratio term", check=at_least(0))
     reference: str = arg("", "reference model; empty: the initial policy", check=model_location)
     precompute_ref: bool = arg(True, "compute reference log-probs once before training")
+
+    def loss_beta(self) -> float:
+        """--beta, or the loss's default when it is not given (0)."""
+        return self.beta or DEFAULT_BETA.get(self.loss, 0.1)
 
     def check(self) -> None:
         need_data(self.data)
@@ -84,6 +92,7 @@ class PairLogps:
 
 def make_objective(cfg: DPOConfig) -> Callable[[PairLogps], tuple[torch.Tensor, dict]]:
     """The loss, chosen once: PairLogps -> (per-pair losses, metrics)."""
+    cfg = replace(cfg, beta=cfg.loss_beta())
     if cfg.loss == "simpo":
         return lambda p: losses.simpo_loss(p.chosen, p.rejected, p.chosen_len, p.rejected_len, cfg.beta,
                                            cfg.simpo_gamma, cfg.label_smoothing)
@@ -141,6 +150,8 @@ def reference_logps(model, examples: list[PreferenceExample], pad_id: int, autoc
 
 def train(cfg: DPOConfig) -> Path:
     default_threads()
+    given = cfg.beta
+    cfg = replace(cfg, beta=cfg.loss_beta())  # recorded as used in the run's config
     objective = make_objective(cfg)
     needs_ref = cfg.loss not in REFERENCE_FREE
     model, tokenizer = load_model(cfg.model.model, lora=cfg.model.lora_settings(), trust_remote_code=cfg.model.trust_remote_code)
@@ -155,6 +166,8 @@ def train(cfg: DPOConfig) -> Path:
     total = total_steps_for(cfg.train, len(examples), distributed_state().num_processes)
     engine = Engine(cfg.train, model, tokenizer, total, train_module=LogprobModel(model),
                     run_config={"algo": "dpo", **asdict(cfg)})
+    if engine.is_main and cfg.loss != "orpo":
+        print(f"dpo: --loss {cfg.loss}, beta {cfg.beta:g}" + ("" if given else " (the loss's default; set --beta to change)"))
     ref_source = ref_model if ref_model is not None else model
     lora_ref = ref_model is None and cfg.model.lora
     if needs_ref and not cfg.precompute_ref and ref_model is None and not cfg.model.lora:

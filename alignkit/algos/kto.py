@@ -89,6 +89,21 @@ def completion_logps(module, batch: dict[str, torch.Tensor], rows: slice = slice
     return token.sum(-1)
 
 
+def class_sums(logps: torch.Tensor, ref_logps: torch.Tensor, desirable: torch.Tensor,
+               beta: float) -> dict[str, tuple[float, float]]:
+    """(sum, count) over the desirable ("chosen") and undesirable ("rejected") examples of a micro-batch of the
+    implicit reward β·(log π − log π_ref) and of log π: the engine divides the step's sums by its counts, so a
+    micro-batch lacking one class adds nothing to that class's mean (a batch mean would add a 0)."""
+    rewards = beta * (logps.detach().float() - ref_logps.to(logps.device).float())
+    desirable = desirable.to(logps.device).bool()
+    out = {}
+    for name, mask in (("chosen", desirable), ("rejected", ~desirable)):
+        n = float(mask.sum())
+        out[f"rewards/{name}"] = (float(rewards[mask].sum()), n)
+        out[f"logps/{name}"] = (float(logps.detach().float()[mask].sum()), n)
+    return out
+
+
 def implicit_reward_accuracy(rewards: torch.Tensor, desirable: torch.Tensor) -> torch.Tensor:
     """Fraction of (desirable, undesirable) pairs of examples whose implicit rewards are ordered right,
     r_desirable > r_undesirable (the ROC AUC of the reward as a classifier; ties count as wrong).
@@ -185,7 +200,8 @@ def train(cfg: KTOConfig) -> Path:
             z0 = kl_estimate(completion_logps(module, batch, slice(b, None)), batch["ref_kl"])
         logps = completion_logps(module, batch, slice(0, b))
         per_example, metrics = objective(logps, batch["ref"], batch["desirable"], z0)
-        return per_example.sum(), {"loss": per_example.mean().item(), **{k: float(v) for k, v in metrics.items()}}
+        return per_example.sum(), {"loss": per_example.mean().item(), "kl": float(metrics["kl"]),
+                                   **class_sums(logps, batch["ref"], batch["desirable"], cfg.beta)}
 
     @torch.no_grad()
     def evaluate() -> dict[str, float]:
@@ -208,6 +224,7 @@ def train(cfg: KTOConfig) -> Path:
         return {f"eval/{k}": float(v) for k, v in scores.items()}
 
     collate = partial(collate_unpaired, pad_id=pad_id)
+    engine.derived_metrics["rewards/margins"] = lambda logs: logs["rewards/chosen"] - logs["rewards/rejected"]
     report = evaluate if eval_items else None
     if report is not None and not cfg.train.resume:
         engine.log(report(), step=0)

@@ -13,7 +13,8 @@ Details of RLHF with PPO" (https://arxiv.org/abs/2403.17031). One iteration:
 5. ``ppo_epochs`` passes over the rollout in minibatches of ``batch_size x grad_accum`` rows, one optimizer step
    each, on  L = clipped policy loss + vf_coef·clipped value loss
    (+ ptx_coef·SFT loss for PPO-ptx), all token-means over the minibatch;
-6. β follows the adaptive controller when ``target_kl`` > 0.
+6. β follows the adaptive controller when ``target_kl`` > 0: β ← β·(1 + clip(KL/target − 1, ±0.2)·n/horizon), n the
+   samples of the rollout, horizon ``kl_horizon`` (10,000 as in OpenAI's code and TRL).
 
 ``max_steps`` and ``save_steps`` count PPO steps (rollouts); the learning-rate schedule, the logged ``step`` and
 checkpoint names (checkpoint-N) count optimizer steps, as in ``alignkit.algos.grpo``.
@@ -81,6 +82,8 @@ class PPOConfig:
     kl_coef: float = arg(0.05, "β: weight of the per-token KL penalty in the reward (start value when adaptive)",
                          check=at_least(0))
     target_kl: float = arg(0.0, "adaptive β: target per-sequence KL (Ziegler 2019 used 6); 0 = fixed β", check=at_least(0))
+    kl_horizon: int = arg(10000, "adaptive β: controller horizon; each rollout of n samples moves β by at most "
+                                 "0.2·n/horizon (OpenAI's lm-human-preferences and TRL: 10000)", check=at_least(1))
     gamma: float = arg(1.0, "discount γ of the GAE", check=between(0, 1))
     lam: float = arg(0.95, "GAE λ", check=between(0, 1))
     ppo_epochs: int = arg(4, "passes over each rollout (one optimizer step per minibatch of batch_size x grad_accum)",
@@ -359,7 +362,10 @@ def train(cfg: PPOConfig) -> Path:
         if cfg.target_kl > 0:  # every process must take the same β: average the KL over processes
             kl = torch.tensor(logs["kl"], device=engine.device)
             kl = engine.accelerator.reduce(kl, reduction="mean") if engine.world_size > 1 else kl
-            kl_ctl.coef.fill_(losses.adaptive_kl_coef(float(kl_ctl.coef), float(kl), cfg.target_kl))
+            # K_β = n_steps / horizon, n_steps = samples in this rollout over all processes (Ziegler et al. 2019)
+            n_samples = cfg.rollout.prompts_per_step * cfg.rollout.group_size
+            kl_ctl.coef.fill_(losses.adaptive_kl_coef(float(kl_ctl.coef), float(kl), cfg.target_kl,
+                                                      k_beta=n_samples / cfg.kl_horizon))
         step += 1
         if cfg.train.eval_steps and eval_prompts and step % cfg.train.eval_steps == 0:
             logs.update(evaluate())
