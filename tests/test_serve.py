@@ -163,6 +163,30 @@ def test_stop_strings_cut_the_text(client):
     assert r.choices[0].text == full[: full.find(stop)] and r.choices[0].finish_reason == "stop"
 
 
+def test_min_tokens_bans_eos_until_then(lm, client):
+    """vLLM's min_tokens. The EOS row of the tied embedding is set to 1.5x the row of the greedy first token,
+    so EOS becomes the greedy choice: a plain request ends at once, min_tokens 5 goes on to exactly 5 tokens."""
+    model, tokenizer = lm
+    ids = tokenizer("Hi there", add_special_tokens=False)["input_ids"]
+    first = int(forward_logprobs(model, ids)[-1].argmax())
+    weight, eos = model.lm_head.weight, tokenizer.eos_token_id
+    saved = weight[eos].clone()
+    try:
+        with torch.no_grad():
+            weight[eos] = 1.5 * weight[first]
+        plain = client.completions.create(model=NAME, prompt=ids, max_tokens=5, temperature=0)
+        assert plain.choices[0].text == "" and plain.choices[0].finish_reason == "stop"
+        assert plain.usage.completion_tokens == 1
+        r = client.completions.create(model=NAME, prompt=ids, max_tokens=5, temperature=0,
+                                      extra_body={"min_tokens": 5})
+        assert r.usage.completion_tokens == 5 and r.choices[0].finish_reason == "length"
+    finally:
+        with torch.no_grad():
+            weight[eos] = saved
+    with pytest.raises(openai.BadRequestError, match="min_tokens"):
+        client.completions.create(model=NAME, prompt="Hi", max_tokens=2, extra_body={"min_tokens": 3})
+
+
 def test_seed_makes_sampling_repeatable(client):
     def draw(seed):
         r = client.completions.create(model=NAME, prompt="Hello", max_tokens=8, temperature=1.0, seed=seed, n=3)

@@ -53,6 +53,7 @@ class Job:
     top_p: float
     seed: int | None
     future: asyncio.Future
+    min_tokens: int = 0  # EOS banned before this many tokens (vLLM's min_tokens)
     number: int = 0  # arrival order, makes a seeded job its own group
 
     @property
@@ -60,8 +61,8 @@ class Job:
         if self.seed is not None:
             return ("seeded", self.number)
         if self.temperature == 0:
-            return ("greedy",)
-        return ("sample", self.temperature, self.top_p)
+            return ("greedy", self.min_tokens)
+        return ("sample", self.temperature, self.top_p, self.min_tokens)
 
 
 class Engine:
@@ -96,9 +97,10 @@ class Engine:
     def busy(self) -> bool:
         return self.pending >= self.max_pending
 
-    async def submit(self, rows: list[Row], temperature: float, top_p: float, seed: int | None) -> list[Row]:
+    async def submit(self, rows: list[Row], temperature: float, top_p: float, seed: int | None = None,
+                     min_tokens: int = 0) -> list[Row]:
         future = asyncio.get_running_loop().create_future()
-        job = Job(rows, temperature, top_p, seed, future, next(self._numbers))
+        job = Job(rows, temperature, top_p, seed, future, min_tokens, next(self._numbers))
         self.pending += 1
         try:
             self._queue.put_nowait(job)
@@ -151,6 +153,7 @@ class Engine:
             chunk = rows[start : start + self.max_batch]
             config = SamplingConfig(
                 max_new_tokens=max(r.max_tokens for r in chunk),
+                min_new_tokens=first.min_tokens,
                 temperature=first.temperature if first.temperature > 0 else 1.0,
                 top_p=first.top_p,
                 greedy=first.temperature == 0,
