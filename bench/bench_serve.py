@@ -1,6 +1,6 @@
 """`alignkit serve` throughput: 64 chat requests with batching vs one request at a time, side by side.
 
-    .venv/bin/python bench/bench_serve.py [--model tiny|smollm2-135m] [--requests 64] [--tokens 32]
+    .venv/bin/python bench/bench_serve.py [--model tiny|smollm2-135m] [--requests 64] [--tokens 32] [--modes ...]
 
 Each request is one chat prompt from alignkit/bundled/instructions_train.jsonl (chat template applied by the
 server), temperature 1, `max_tokens = min_tokens = --tokens`, so every request makes exactly that many tokens.
@@ -84,6 +84,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 = torch's default")
     parser.add_argument("--port", type=int, default=18731)
+    parser.add_argument("--modes", default="sequential,b1,batched", help="comma-separated subset of the three modes")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -92,7 +93,9 @@ def main() -> None:
     else:
         model, tokenizer = load_model(args.model)
     prompts = messages(args.requests)
-    modes = [("sequential", 64, False), ("concurrent, b=1", 1, True), (f"concurrent, b={args.requests}", args.requests, True)]
+    modes = {"sequential": ("sequential", 64, False), "b1": ("concurrent, b=1", 1, True),
+             "batched": (f"concurrent, b={args.requests}", args.requests, True)}
+    modes = [modes[m] for m in args.modes.split(",")]
     print(f"model {args.model}, {args.requests} chat requests x {args.tokens} tokens, torch threads {torch.get_num_threads()}")
     print(f"{'mode':<20} {'wall s':>8} {'req/s':>8} {'tokens/s':>9} {'median latency s':>17} {'sampler calls':>14} {'mean rows/call':>15}")
     for i, (label, max_batch, concurrent) in enumerate(modes):
