@@ -33,6 +33,7 @@ ALGORITHMS = {
     "bon": ("alignkit.algos.bon", "BoNConfig", "run", "best-of-N sampling baseline (no training); KL = log N - (N-1)/N"),
     "evaluate": ("alignkit.evaluate", "EvalConfig", "run",
                  "score a policy's samples on held-out prompts: reward, KL to the reference, distinct-2, length"),
+    "serve": ("alignkit.serve", "ServeConfig", "run", "OpenAI-compatible HTTP server (completions, chat, logprobs, streaming)"),
 }
 
 
