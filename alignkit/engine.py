@@ -451,7 +451,9 @@ class Engine:
             else:
                 module.load_state_dict(extra)
         state = torch.load(checkpoint / "trainer_state.pt", weights_only=False)
-        if self.sharded:
+        # an FSDP checkpoint keys optimizer state by parameter name: it loads under FSDP and in plain processes alike
+        by_name = any(isinstance(k, str) for k in state["optimizer"].get("state", {}))
+        if self.sharded or by_name:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
             set_optimizer_state_dict(self.module, self.optimizer.optimizer, state["optimizer"],

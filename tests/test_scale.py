@@ -176,13 +176,19 @@ def test_fsdp_on_cpu_equals_one_process_and_resumes(tiny_model_dir, tmp_path):
     model, _ = load_model(str(tmp_path / "two" / "checkpoint-2"))
     ckpt = load_file(tmp_path / "two" / "checkpoint-2" / "model.safetensors")
     assert all(torch.equal(model.state_dict()[k], ckpt[k]) for k in ckpt)
-    # resume from it under FSDP: the same final weights as the uninterrupted run
-    (tmp_path / "resumed").mkdir()
-    shutil.copytree(tmp_path / "two" / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
-    out = _done(_sft(tiny_model_dir, data, tmp_path / "resumed", fsdp, "--batch-size", "2", "--save-steps", "2", "--resume"))
-    assert "resumed from" in out
+    # resume from it under FSDP: the same final weights as the uninterrupted run; and in 1 process x batch 4 (the
+    # checkpoint does not depend on the number of processes that wrote it): `one`'s weights
+    for run in ("resumed", "single"):
+        (tmp_path / run).mkdir()
+        shutil.copytree(tmp_path / "two" / "checkpoint-2", tmp_path / run / "checkpoint-2")
+    fsdp[fsdp.index("29533")] = "29534"
+    resumed = _sft(tiny_model_dir, data, tmp_path / "resumed", fsdp, "--batch-size", "2", "--save-steps", "2", "--resume")
+    single = _sft(tiny_model_dir, data, tmp_path / "single", [sys.executable, "-m"], "--batch-size", "4", "--resume")
+    assert "resumed from" in _done(resumed) and "resumed from" in _done(single)
     c = load_file(tmp_path / "resumed" / "final" / "model.safetensors")
     assert all(torch.equal(b[k], c[k]) for k in b)
+    d = load_file(tmp_path / "single" / "final" / "model.safetensors")
+    assert max(float((a[k] - d[k]).abs().max()) for k in a) < 1e-5
 
 
 # ---------------------------------------------------------------------------------------------- GPU check
