@@ -474,14 +474,13 @@ class Engine:
 
 
 def batch_tokens(batch: Any, depth: int = 0) -> int:
-    """Tokens a training micro-batch feeds the model: the sum of its ``attention_mask`` (``input_ids.numel()``
-    for packed rows), found by name in the dicts and dataclasses (e.g. a Rollout) the trainers use as batches."""
+    """Tokens a training micro-batch feeds the model: the sum of its padding mask ``attention_mask``, or
+    ``input_ids.numel()`` for packed rows (whose attention mask, if any, is a block mask of another shape), found by
+    name in the dicts and dataclasses (e.g. a Rollout) the trainers use as batches."""
     get = batch.get if isinstance(batch, dict) else (lambda name: getattr(batch, name, None))
     mask, ids = get("attention_mask"), get("input_ids")
-    if isinstance(mask, torch.Tensor):
-        return int(mask.sum())
     if isinstance(ids, torch.Tensor):
-        return ids.numel()
+        return int(mask.sum()) if isinstance(mask, torch.Tensor) and mask.shape == ids.shape else ids.numel()
     if depth >= 2:
         return 0
     children = batch.values() if isinstance(batch, dict) else [getattr(batch, f) for f in getattr(batch, "__dataclass_fields__", ())]

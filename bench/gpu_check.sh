@@ -104,7 +104,8 @@ for layout in layouts:
             print(f"{layout:8} {cmd:8} {'(too few steps logged)':>40}")
             continue
         seconds = rows[-1]["time"] - rows[0]["time"]
-        tokens = sum(r["tokens"] for r in rows[1:]) * world  # logged per process (mean over processes)
+        # `tokens` is per optimizer step and process (online trainers log the mean over a rollout's updates)
+        tokens = sum(r["tokens"] * (r["step"] - prev["step"]) for prev, r in zip(rows, rows[1:])) * world
         peak = max(r.get("gpu_mem_peak_gb", 0.0) for r in rows)
         loss = rows[-1].get("loss", rows[-1].get("policy_loss", float("nan")))
         print(f"{layout:8} {cmd:8} {seconds / (len(rows) - 1):8.3f} {tokens / max(seconds, 1e-9):10.0f} {peak:8.2f} {loss:11.4f}")

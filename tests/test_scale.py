@@ -202,6 +202,8 @@ def test_batch_tokens_counts_what_each_trainer_feeds():
     padded = {"input_ids": torch.zeros(2, 4), "attention_mask": torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])}
     assert batch_tokens(padded) == 5
     assert batch_tokens({"input_ids": torch.zeros(1, 7), "position_ids": torch.zeros(1, 7)}) == 7  # packed rows
+    block = torch.ones(1, 1, 7, 7)  # a packed batch's block-diagonal attention mask is no padding mask
+    assert batch_tokens({"input_ids": torch.zeros(1, 7), "attention_mask": block}) == 7
     rollout = Rollout(prompt_ids=torch.zeros(2, 3, dtype=torch.long), prompt_mask=torch.tensor([[0, 1, 1], [1, 1, 1]]),
                       response_ids=torch.zeros(2, 2, dtype=torch.long), response_mask=torch.tensor([[1, 1], [1, 0]]),
                       logprobs=torch.zeros(2, 2), ended_with_eos=torch.tensor([True, False]))
