@@ -32,9 +32,11 @@ Paper index (function -> paper -> defaults as the paper gives them):
   grpo_policy_loss            Shao 2024 eq. 3 (loss) and eq. 4 (KL estimator)     clip 0.2, beta 0.04
   rloo_advantages             Ahmadian 2024                                       k = 2..4
   reinforce_pp_advantages     Hu 2025 (REINFORCE++)
+  global_moments / masked_whiten  batch mean/var, summed across processes (all_sum) when distributed
 """
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -70,16 +72,43 @@ def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) 
     return var
 
 
+AllSum = Callable[[torch.Tensor], torch.Tensor]
+"""Sums a tensor over all training processes (``Engine.all_sum``); the identity in one process."""
+
+
+def global_moments(
+    values: torch.Tensor, mask: torch.Tensor, all_sum: AllSum | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and unbiased variance of the masked entries of `values` over the whole *global* batch.
+
+    Each process contributes (Σx, Σx², n) of its own entries; one all-reduce sums them, then
+    mean = Σx / n and var = (Σx² − n·mean²) / (n − 1). So 2 processes holding halves of a batch get
+    the statistics of the whole batch, as 1 process would. Accumulated in float64, so the one-pass
+    formula loses nothing against the two-pass one at the magnitudes of rewards and returns.
+    Shapes: values, mask (B, T) -> two scalars in values.dtype.
+    """
+    x = torch.where(mask.bool(), values.double(), torch.zeros((), dtype=torch.float64, device=values.device))
+    sums = torch.stack([x.sum(), (x * x).sum(), mask.double().sum()])
+    if all_sum is not None:
+        sums = all_sum(sums)
+    total, squares, n = sums.unbind()
+    mean = total / n.clamp(min=1)
+    var = ((squares - n * mean * mean) / (n - 1).clamp(min=1)).clamp(min=0)
+    return mean.to(values.dtype), var.to(values.dtype)
+
+
 def masked_whiten(
-    values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8
+    values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8,
+    all_sum: AllSum | None = None,
 ) -> torch.Tensor:
     """Whiten the masked entries of `values` over the whole batch: (x − mean) / sqrt(var + eps).
 
     With `shift_mean=False` the mean is added back (only the scale changes), as PPO implementations do
-    for rewards. Used for PPO advantage whitening and REINFORCE++ return normalisation. Padding -> 0.
-    Shapes: values, mask (B, T) -> (B, T).
+    for rewards. Used for PPO advantage whitening and REINFORCE++ return normalisation. These statistics
+    are global by definition: under several processes pass `all_sum` (see `global_moments`) so the
+    batch is the global batch, not each process's share. Padding -> 0. Shapes: values, mask (B, T) -> (B, T).
     """
-    mean, var = masked_mean(values, mask), masked_var(values, mask)
+    mean, var = global_moments(values, mask, all_sum)
     whitened = (values - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         whitened = whitened + mean
@@ -732,14 +761,17 @@ def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float =
     return returns
 
 
-def reinforce_pp_advantages(returns: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+def reinforce_pp_advantages(
+    returns: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8, all_sum: AllSum | None = None
+) -> torch.Tensor:
     """REINFORCE++: per-token returns (KL-penalised rewards, see `kl_penalty_rewards` and
     `discounted_returns`) normalised over the whole batch: (G − mean) / std.
 
     Hu 2025, https://arxiv.org/abs/2501.03262. A global baseline instead of a per-prompt one avoids
-    overfitting the baseline to a prompt's few samples. Shapes: (B, T) -> (B, T), 0 on padding.
+    overfitting the baseline to a prompt's few samples; "the whole batch" is the global batch across
+    processes when `all_sum` is given. Shapes: (B, T) -> (B, T), 0 on padding.
     """
-    return masked_whiten(returns, mask, shift_mean=True, eps=eps)
+    return masked_whiten(returns, mask, shift_mean=True, eps=eps, all_sum=all_sum)
 
 
 def grpo_policy_loss(

@@ -13,6 +13,7 @@ from functools import partial
 from typing import Any
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from alignkit.config import DataConfig, OptionError, above, arg, at_least, between, world_size
 from alignkit.data import PromptExample, prompt_example, read_examples
@@ -97,6 +98,11 @@ def rollout_and_score(
     generator: torch.Generator | None = None,
 ) -> ScoredRollout:
     """Sample ``group_size`` responses per prompt with the current policy and score each one."""
+    if any(isinstance(p, DTensor) for p in model.parameters()):
+        # each process samples its own prompts for a different number of steps, so the just-in-time gathers of
+        # sharded weights could never pair up across processes
+        raise ValueError("the policy is sharded (FSDP): sampling needs whole weights on every process; "
+                         "run online trainers under DDP or DeepSpeed ZeRO-2 (examples/accelerate/ddp.yaml, zero2.yaml)")
     rows = [p for p in prompts for _ in range(group_size)]
     rollout = sample(model, [p.prompt_ids for p in rows], sampling, tokenizer=tokenizer, generator=generator)
     texts = tokenizer.batch_decode(rollout.response_ids.masked_fill(rollout.response_mask == 0, tokenizer.pad_token_id),

@@ -106,9 +106,11 @@ class RLOOConfig(GRPOConfig):
 AdvantageFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def make_advantage_fn(cfg: GRPOConfig) -> AdvantageFn:
+def make_advantage_fn(cfg: GRPOConfig, all_sum: losses.AllSum | None = None) -> AdvantageFn:
     """Chosen once: (scores (B,), token KL log π_old − log π_ref (B, T), mask (B, T)) -> advantages (B,) or (B, T).
-    The token KL is all zeros when the KL is not in the reward."""
+    The token KL is all zeros when the KL is not in the reward. Groups live in one process (a prompt's samples
+    are drawn together), so grpo/rloo are local; REINFORCE++ whitens over the global batch through `all_sum`
+    (``Engine.all_sum``)."""
     group = cfg.rollout.group_size
     beta = cfg.beta if cfg.kl_placement() == "reward" else 0.0
 
@@ -123,7 +125,7 @@ def make_advantage_fn(cfg: GRPOConfig) -> AdvantageFn:
 
         def reinforce_pp(scores, token_kl, mask):
             rewards, _ = losses.kl_penalty_rewards(scores, token_kl, torch.zeros_like(token_kl), mask, beta)
-            return losses.reinforce_pp_advantages(losses.discounted_returns(rewards, mask), mask)
+            return losses.reinforce_pp_advantages(losses.discounted_returns(rewards, mask), mask, all_sum=all_sum)
 
         return reinforce_pp
     raise ValueError(f"--advantage must be one of {', '.join(ADVANTAGES)}, got {cfg.advantage!r}")
@@ -249,7 +251,7 @@ def train(cfg: GRPOConfig) -> Path:
     default_threads()
     if cfg.loss_agg not in AGGREGATIONS:
         raise ValueError(f"--loss-agg must be one of {', '.join(AGGREGATIONS)}, got {cfg.loss_agg!r}")
-    advantage_fn = make_advantage_fn(cfg)
+    make_advantage_fn(cfg)  # checks --advantage before the model loads
     model, tokenizer = load_model(cfg.model.model, lora=cfg.model.lora_settings(), trust_remote_code=cfg.model.trust_remote_code)
     prompts = read_prompts(cfg.data.data, tokenizer, cfg.data.max_length, cfg.data.skip_invalid)
     eval_prompts = []
@@ -272,6 +274,7 @@ def train(cfg: GRPOConfig) -> Path:
 
     engine = Engine(cfg.train, model, tokenizer, steps * updates_per_step, train_module=LogprobModel(model),
                     run_config={"algo": cfg.advantage, **asdict(cfg)})
+    advantage_fn = make_advantage_fn(cfg, engine.all_sum)
     # before any update or resume, so the reference is the initial policy; none at all when β = 0
     reference = None if cfg.beta == 0 else reference_logprobs(
         model, cfg.model.lora, cfg.reference, cfg.rollout.temperature, cfg.train.batch_size, device=engine.device)

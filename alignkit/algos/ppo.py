@@ -244,10 +244,11 @@ def ppo_update(engine: Engine, module: nn.Module, ref_fn: Callable[[Rollout], to
     old_logps, old_values, entropy = (torch.cat(t) for t in zip(*old, strict=True))
     ref_logps = ref_fn(rollout)
     rewards, kl_metrics = losses.kl_penalty_rewards(scores, old_logps, ref_logps, mask, kl_coef)
+    # whitening statistics are those of the global batch (all processes' rollouts), as in one process
     if cfg.whiten_rewards:
-        rewards = losses.masked_whiten(rewards, mask, shift_mean=False)
+        rewards = losses.masked_whiten(rewards, mask, shift_mean=False, all_sum=engine.all_sum)
     advantages, returns = losses.gae_advantages(rewards, old_values, mask, cfg.gamma, cfg.lam)
-    advantages = losses.masked_whiten(advantages, mask)
+    advantages = losses.masked_whiten(advantages, mask, all_sum=engine.all_sum)
 
     generator = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + engine.step)
     sums: dict[str, float] = {}
