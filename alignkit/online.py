@@ -112,13 +112,13 @@ def rollout_and_score(
     return ScoredRollout(rollout, rows, texts, rewards)
 
 
-def score(reward: RewardSource, rows: list[PromptExample], texts: list[str], rollout: Rollout, tokenizer) -> torch.Tensor:
+def score(reward: RewardSource, rows: list[PromptExample], texts: list[str], rollout: Rollout | None, tokenizer) -> torch.Tensor:
     """Rewards (B,) for decoded responses; per-prompt columns (e.g. ``reference``) reach the source as lists,
     and a reward model with the policy's tokenizer reads the token ids directly."""
     columns: dict[str, Any] = {}
     for key in sorted({k for p in rows for k in p.extra}):
         columns[key + "s" if key == "reference" else key] = [p.extra.get(key) for p in rows]
-    if isinstance(reward, RewardModelSource):
+    if isinstance(reward, RewardModelSource) and rollout is not None:  # no rollout: texts from an endpoint
         columns.update(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask, tokenizer=tokenizer)
     return reward([p.prompt for p in rows], texts, **columns).float()
 

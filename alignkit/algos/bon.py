@@ -33,8 +33,9 @@ import torch
 
 from alignkit.config import DataConfig, ModelConfig, OptionError, arg, at_least
 from alignkit.engine import default_threads
-from alignkit.models import load_model
-from alignkit.online import RolloutConfig, prompts_of, rollout_and_score
+from alignkit.generation import BUILTIN, endpoint_samples, generator_problem
+from alignkit.models import load_model, load_tokenizer
+from alignkit.online import RolloutConfig, ScoredRollout, prompts_of, rollout_and_score, score
 from alignkit.rewards import load_reward
 
 
@@ -46,10 +47,14 @@ class BoNConfig:
     output_dir: str = arg("runs/bon", "bon.jsonl (best completion per prompt) and summary.json go here")
     max_prompts: int = arg(0, "answer only the first N prompts of --data (or --eval-data); 0: all", check=at_least(0))
 
+    seed: int = arg(0, "sampling seed")
+    generator: str = arg("builtin", "where samples come from: builtin, or an OpenAI-compatible endpoint "
+                         "http://HOST:PORT/v1 (|MODEL to pick one; alignkit serve, vLLM, llama.cpp)",
+                         check=generator_problem)
+
     def check(self) -> None:
         if not (self.data.data or self.data.eval_data):
             raise OptionError("data", "", "best-of-N needs prompts: --data (or --eval-data)")
-    seed: int = arg(0, "sampling seed")
 
 
 def bon_kl(n: int) -> float:
@@ -86,7 +91,11 @@ class BoNResult:
 @torch.no_grad()
 def run(cfg: BoNConfig) -> BoNResult:
     default_threads()
-    model, tokenizer = load_model(cfg.model.model, trust_remote_code=cfg.model.trust_remote_code)
+    local = cfg.generator == BUILTIN
+    if local:
+        model, tokenizer = load_model(cfg.model.model, trust_remote_code=cfg.model.trust_remote_code)
+    else:  # the endpoint samples; the tokenizer still renders and checks the prompts
+        model, tokenizer = None, load_tokenizer(cfg.model.model, trust_remote_code=cfg.model.trust_remote_code)
     reward = load_reward(cfg.rollout.reward)
     prompts = prompts_of(cfg.data, tokenizer, cfg.max_prompts, "best-of-N")
     n, per_batch = cfg.rollout.group_size, max(1, cfg.rollout.prompts_per_step)
@@ -97,7 +106,12 @@ def run(cfg: BoNConfig) -> BoNResult:
     ranked_lines, pair_lines = [], []
     for start in range(0, len(prompts), per_batch):
         chunk = prompts[start : start + per_batch]
-        scored = rollout_and_score(model, tokenizer, chunk, reward, sampling, n, generator)
+        if local:
+            scored = rollout_and_score(model, tokenizer, chunk, reward, sampling, n, generator)
+        else:
+            texts = endpoint_samples(cfg.generator, [p.prompt for p in chunk], n, sampling, cfg.seed + start)
+            rows = [p for p in chunk for _ in range(n)]
+            scored = ScoredRollout(None, rows, texts, score(reward, rows, texts, None, tokenizer))
         groups = scored.rewards.view(-1, n)  # (G, N)
         best, worst = groups.argmax(-1), groups.argmin(-1)  # ties: the first sample
         for g, prompt in enumerate(chunk):

@@ -125,6 +125,14 @@ class Client:
             answers = list(pool.map(lambda b: self.request("POST", path, b), bodies))
         return [parse(a["choices"][0]) for a in answers]
 
+    def map_requests(self, requests: list[tuple[str, dict]]) -> list[dict]:
+        """The raw answers of several POST requests ``(path, body)``, sent concurrently under this client's limit,
+        in order (for callers that need every choice of ``n``)."""
+        if not requests:
+            return []
+        with ThreadPoolExecutor(min(self.max_concurrency, len(requests))) as pool:
+            return list(pool.map(lambda r: self.request("POST", *r), requests))
+
     # -- one request, with retries --------------------------------------------------------------------------
 
     def request(self, method: str, path: str, body: dict | None = None) -> dict:
