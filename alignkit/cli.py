@@ -28,6 +28,7 @@ ALGORITHMS = {
     "raft": ("alignkit.algos.raft", "RAFTConfig", "train",
              "RAFT: sample K per prompt, keep the best by reward (optionally minus beta*KL), SFT on it, repeat"),
     "bon": ("alignkit.algos.bon", "BoNConfig", "run", "best-of-N sampling baseline (no training); KL = log N - (N-1)/N"),
+    "curate": ("alignkit.curate", "CurateConfig", "run", "data curation: dedup (exact, MinHash, semantic), quality rules, scoring, core-set selection"),
     "evaluate": ("alignkit.evaluate", "EvalConfig", "run",
                  "score a policy's samples on held-out prompts: reward, KL to the reference, distinct-2, length"),
 }
@@ -95,6 +96,8 @@ def build_config(cls, flags: dict[str, Any], yaml_values: dict[str, Any] | None 
     values.update(flags)
     for name, value in values.items():
         kind = leaves[name][0]
+        if kind is str and isinstance(value, list) and all(isinstance(v, str) for v in value):
+            values[name] = value = ",".join(value)  # a YAML list for a comma-list option (e.g. curate's steps)
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             values[name] = float(value)
         elif not isinstance(value, kind):
@@ -152,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         yaml_values = _load_yaml(args.config) if args.config else None
         cfg = build_config(getattr(mod, cls_name), flags, yaml_values, source=args.config or "flags")
         getattr(mod, entry)(cfg)
-    except (DataError, TrainingDiverged, FileNotFoundError) as e:
+    except (DataError, ValueError, TrainingDiverged, FileNotFoundError) as e:
         print(f"alignkit: error: {e}", file=sys.stderr)
         return 1
     return 0
