@@ -165,6 +165,7 @@ class Curation:
             self.stats["embedded"] = self.stats.get("embedded", 0) + n
             self.stats["cache_hits"] = self.stats.get("cache_hits", 0) + len(missing) - n
             self.stats["embed_seconds"] = self.stats.get("embed_seconds", 0.0) + time.perf_counter() - t0
+        self.stats["encoder_calls"] = self.embedder.calls if self.embedder else 0
         return np.stack([self.embedded[i] for i in rows])
 
 

@@ -122,7 +122,8 @@ def refusal(v: View, s: RuleSettings) -> str | None:
     return f"matches {m.group()!r}" if m else None
 
 
+# in the default order of --rules: the first rule that fires names the drop
 RULES: dict[str, Callable[[View, RuleSettings], str | None]] = {
-    "length": length, "repetition": repetition, "junk": junk, "empty": empty,
-    "truncated": truncated, "echo": echo, "refusal": refusal,
+    "empty": empty, "junk": junk, "length": length, "echo": echo, "refusal": refusal,
+    "repetition": repetition, "truncated": truncated,
 }
