@@ -179,8 +179,33 @@ BAD = {  # in the default rule order, so the first rule that fires is the one na
 }
 
 
+def test_length_in_tokens(tiny_model_dir):
+    from alignkit.curate.rules import length_counter
+
+    count = length_counter(f"tokens:{tiny_model_dir}")
+    settings = RuleSettings(min_length=1, max_length=3, count=count)
+    assert count("hello") == 1 and count("hello world, how are you") > 3
+    assert RULES["length"](view({"prompt": "p", "completion": "hello"}), settings) is None
+    assert RULES["length"](view({"prompt": "p", "completion": "hello world, how are you"}), settings).startswith("length")
+
+
+def test_views_of_every_shape():
+    """What the rules judge: the response is the completion, the last assistant turn, chosen, the best-scored
+    ranked response, the text; prompt-only rows have none."""
+    m = [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"}, {"role": "user", "content": "Q2"},
+         {"role": "assistant", "content": "A2"}]
+    assert view({"messages": m}) == view({"messages": m}) and view({"messages": m}).response == "A2"
+    assert view({"messages": m}).prompt == "Q1\n\nA1\n\nQ2"
+    assert view({"prompt": m[:1], "completion": m[1:2]}).response == "A1"
+    pair = view({"prompt": "P", "chosen": "good", "rejected": "bad"})
+    assert (pair.prompt, pair.response, pair.full) == ("P", "good", "P\n\ngood\n\nbad")
+    assert view({"prompt": "P", "responses": ["x", "y", "z"], "scores": [0.1, 0.9, "0.5"]}).response == "y"
+    assert view({"text": "T"}).response == "T" and view({"text": "T"}).prompt == ""
+    assert view({"prompt": "only"}).response is None
+
+
 def test_each_rule_catches_what_it_names_and_nothing_clean():
-    settings = RuleSettings(min_words=1, max_words=25, refusal=refusal_pattern())
+    settings = RuleSettings(min_length=1, max_length=25, refusal=refusal_pattern())
     for row in CLEAN:
         fired = {name: rule(view(row), settings) for name, rule in RULES.items()}
         assert all(v is None for v in fired.values()), (row, fired)
@@ -193,7 +218,7 @@ def test_quality_step_names_the_rule(tmp_path):
     rows = CLEAN + [row for rows in BAD.values() for row in rows]
     expected = [name for name, rows in BAD.items() for _ in rows]
     data = write_jsonl(tmp_path / "q.jsonl", rows)
-    run(CurateConfig(data=str(data), output_dir=str(tmp_path / "o"), steps="quality", max_words=25))
+    run(CurateConfig(data=str(data), output_dir=str(tmp_path / "o"), steps="quality", max_length=25))
     manifest = read_jsonl(tmp_path / "o" / "manifest.jsonl")
     assert [m["index"] for m in manifest] == list(range(len(CLEAN), len(rows)))
     assert [m["rule"] for m in manifest] == expected
@@ -279,6 +304,9 @@ def test_causal_embedder_unit_vectors(tiny_model_dir):
     (["--steps", "exact,select"], "--steps select: needs --fraction or --count"),
     (["--steps", "select", "--count", "3", "--pick", "quality"], "--pick quality: needs the 'score' step"),
     (["--data", "nope.jsonl"], "nope.jsonl: no such file or directory"),
+    (["--steps", "score", "--score", "nosuchreward"], "--score 'nosuchreward': unknown reward"),
+    (["--steps", "semantic", "--embedder", "causal:/no/such/model"], "--embedder 'causal:/no/such/model': cannot load"),
+    (["--length-unit", "chars"], "--length-unit: expected 'words' or 'tokens:MODEL'"),
 ])
 def test_cli_errors_are_one_line_and_write_nothing(tmp_path, capsys, flags, message):
     from alignkit.cli import main

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from alignkit.config import arg
-from alignkit.curate.rules import RULES, RuleSettings, refusal_pattern
+from alignkit.curate.rules import RULES, RuleSettings, length_counter, refusal_pattern
 from alignkit.curate.select import PICKS
 from alignkit.curate.text import View, view
 from alignkit.data import DataError, Record, load_records
@@ -43,8 +43,9 @@ class CurateConfig:
     output_dir: str = arg("", "where curated.jsonl, manifest.jsonl and summary.json are written")
     steps: str = arg("exact,near,quality", f"comma-separated steps, run in this order: {','.join(STEPS)}")
     rules: str = arg(",".join(RULES), "quality rules the quality step applies (first that fires names the drop)")
-    min_words: int = arg(1, "rule length: fewest words in a response")
-    max_words: int = arg(2048, "rule length: most words in a response")
+    min_length: int = arg(1, "rule length: shortest response, in --length-unit")
+    max_length: int = arg(2048, "rule length: longest response, in --length-unit")
+    length_unit: str = arg("words", "rule length: words, or tokens:MODEL (tokens of that model's tokenizer, e.g. tokens:smollm2-135m)")
     repetition_n: int = arg(3, "rule repetition: n of the word n-grams")
     max_repetition: float = arg(0.3, "rule repetition: largest share of repeated n-grams")
     refusal_patterns: str = arg("", "rule refusal: extra regexes (|-separated) besides the built-in refusals")
@@ -95,7 +96,7 @@ def check(cfg: CurateConfig) -> None:
         value = getattr(cfg, name)
         if not lo < value <= hi:
             raise ValueError(f"--{name.replace('_', '-')}: expected a number in ({lo:g}, {hi:g}], got {value}")
-    for name, low in (("num_perm", 2), ("shingle", 1), ("repetition_n", 1), ("min_words", 0), ("max_words", 1),
+    for name, low in (("num_perm", 2), ("shingle", 1), ("repetition_n", 1), ("min_length", 0), ("max_length", 1),
                       ("semantic_clusters", 0), ("clusters", 0), ("count", 0), ("embed_max_length", 1),
                       ("embed_batch_size", 1), ("examples_per_rule", 0)):
         if getattr(cfg, name) < low:
@@ -116,6 +117,10 @@ def check(cfg: CurateConfig) -> None:
         raise ValueError(f"--pick: expected one of {', '.join(PICKS)}, got {cfg.pick!r}")
     if cfg.pick == "quality" and "select" in steps and ("score" not in steps or steps.index("score") > steps.index("select")):
         raise ValueError("--pick quality: needs the 'score' step before 'select' in --steps")
+    if cfg.length_unit != "words" and not (cfg.length_unit.startswith("tokens:") and len(cfg.length_unit) > len("tokens:")):
+        raise ValueError(f"--length-unit: expected 'words' or 'tokens:MODEL', got {cfg.length_unit!r}")
+    if Path(cfg.output_dir).exists() and not Path(cfg.output_dir).is_dir():
+        raise ValueError(f"--output-dir: {cfg.output_dir} exists and is not a directory")
     if cfg.kmeans not in ("faiss", "sklearn"):
         raise ValueError(f"--kmeans: expected faiss or sklearn, got {cfg.kmeans!r}")
     if cfg.embedder != "minilm" and not (cfg.embedder.startswith("causal:") and len(cfg.embedder) > len("causal:")):
@@ -142,6 +147,7 @@ class Curation:
         self.scores = np.full(len(records), np.nan, dtype=np.float32)
         self.embedded: dict[int, np.ndarray] = {}
         self.embedder = None
+        self.reward = None
         self.stats: dict[str, float] = {}
 
     def drop(self, dropped: dict[int, Drop]) -> None:
@@ -198,8 +204,8 @@ def step_semantic(c: Curation) -> dict[int, Drop]:
 
 def step_quality(c: Curation) -> dict[int, Drop]:
     cfg = c.cfg
-    settings = RuleSettings(cfg.min_words, cfg.max_words, cfg.repetition_n, cfg.max_repetition,
-                            refusal_pattern(cfg.refusal_patterns))
+    settings = RuleSettings(cfg.min_length, cfg.max_length, cfg.repetition_n, cfg.max_repetition,
+                            refusal_pattern(cfg.refusal_patterns), length_counter(cfg.length_unit))
     rules = [(name, RULES[name]) for name in cfg.rule_list()]
     dropped = {}
     for i in c.alive:
@@ -211,10 +217,18 @@ def step_quality(c: Curation) -> dict[int, Drop]:
     return dropped
 
 
-def step_score(c: Curation, batch_size: int = 256) -> dict[int, Drop]:
+def load_score(spec: str):
+    """The reward source of --score, loaded before any step runs; a bad spec is one line."""
     from alignkit.rewards import load_reward
 
-    reward = load_reward(c.cfg.score)
+    try:
+        return load_reward(spec)
+    except (ValueError, ImportError, AttributeError, TypeError, OSError) as e:
+        raise ValueError(f"--score {spec!r}: {str(e).splitlines()[0]}") from None
+
+
+def step_score(c: Curation, batch_size: int = 256) -> dict[int, Drop]:
+    reward = c.reward
     for start in range(0, len(c.alive), batch_size):
         rows = c.alive[start:start + batch_size]
         values = reward([c.views[i].prompt for i in rows], [c.views[i].response or "" for i in rows])
@@ -272,10 +286,12 @@ def _summary(c: Curation, step_log: list[dict], seconds: float) -> dict:
 def run(cfg: CurateConfig) -> dict:
     check(cfg)
     t_start = time.perf_counter()
+    reward = load_score(cfg.score) if cfg.score else None
     records = load_records(cfg.data)
     if not records:
         raise DataError(f"{cfg.data}: no records")
     c = Curation(cfg, records)
+    c.reward = reward
     step_log = []
     for name in cfg.step_list():
         t0 = time.perf_counter()

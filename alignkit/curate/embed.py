@@ -50,7 +50,10 @@ class Embedder:
         elif spec.startswith("causal:"):
             from alignkit.models import load_model
 
-            self.model, self.tokenizer = load_model(spec[len("causal:"):])
+            try:
+                self.model, self.tokenizer = load_model(spec[len("causal:"):])
+            except (OSError, ValueError) as e:
+                raise ValueError(f"--embedder {spec!r}: cannot load the model ({str(e).splitlines()[0]})") from None
             self.tokenizer.padding_side = "right"
             self.id = f"{spec}:{_weights_fingerprint(self.model)}:{max_length}"
         else:

@@ -6,7 +6,8 @@ diversity; these rules are the mechanical part of that filter, in the spirit of 
 
 Precise definitions (``r`` = the response, see ``text.view``; ``w(x)`` = normalised words of x):
 
-- ``length``: fewer than ``min_words`` or more than ``max_words`` words in r.
+- ``length``: r shorter than ``min_length`` or longer than ``max_length`` (whitespace words, or tokens of a
+  tokenizer with ``--length-unit tokens:MODEL``); a prompt-only record: its prompt longer than ``max_length``.
 - ``repetition``: with g = the word n-grams of r (n = ``repetition_n``) and |g| >= 4,
   1 - |set(g)| / |g| > ``max_repetition`` (share of n-grams that repeat an earlier one).
 - ``junk``: prompt or r holds U+FFFD (a decoding failure) or a control character: C0 (U+0000-U+001F) other
@@ -28,13 +29,31 @@ from dataclasses import dataclass
 from alignkit.curate.text import View, words
 
 
+def count_words(text: str) -> int:
+    return len(text.split())
+
+
 @dataclass(frozen=True)
 class RuleSettings:
-    min_words: int = 1
-    max_words: int = 2048
+    min_length: int = 1
+    max_length: int = 2048
     repetition_n: int = 3
     max_repetition: float = 0.3
     refusal: re.Pattern | None = None
+    count: Callable[[str], int] = count_words  # the length unit: words, or tokens of a tokenizer
+
+
+def length_counter(unit: str) -> Callable[[str], int]:
+    """``words`` -> whitespace words; ``tokens:MODEL`` -> tokens of MODEL's tokenizer (no special tokens)."""
+    if unit == "words":
+        return count_words
+    from alignkit.models import load_tokenizer
+
+    try:
+        tokenizer = load_tokenizer(unit[len("tokens:"):])
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--length-unit {unit!r}: cannot load the tokenizer ({str(e).splitlines()[0]})") from None
+    return lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 REFUSALS = [
@@ -60,12 +79,12 @@ def refusal_pattern(extra: str = "") -> re.Pattern:
 
 def length(v: View, s: RuleSettings) -> str | None:
     if v.response is None:
-        n = len(v.prompt.split())
-        return f"prompt has {n} words > {s.max_words}" if n > s.max_words else None
-    n = len(v.response.split())
-    if n < s.min_words:
-        return f"{n} words < {s.min_words}"
-    return f"{n} words > {s.max_words}" if n > s.max_words else None
+        n = s.count(v.prompt)
+        return f"prompt length {n} > {s.max_length}" if n > s.max_length else None
+    n = s.count(v.response)
+    if n < s.min_length:
+        return f"length {n} < {s.min_length}"
+    return f"length {n} > {s.max_length}" if n > s.max_length else None
 
 
 def repetition(v: View, s: RuleSettings) -> str | None:
