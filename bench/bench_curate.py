@@ -9,7 +9,7 @@ Sections, each in its own process so its peak RSS is its own:
    changed, 2% U+FFFD junk, 2% refusals, 1% truncated) read from JSONL: rows/s of each step, peak RSS.
 2. ``minhash``: signatures of ``--minhash-rows`` rows three ways: datasketch's plain use (one ``MinHash`` per row,
    ``update`` per shingle, its default SHA-1 hash), datasketch's ``MinHash.bulk`` (``update_batch`` per row), and
-   alignkit's batched path (one vectorised pass per 2,048 rows, identical signatures to ``update_batch``).
+   alignkit's batched path (one vectorised pass per 256 rows, identical signatures to ``update_batch``).
 3. ``embed``: embedding throughput (texts/s) of the bundled all-MiniLM-L6-v2 and of ``causal:smollm2-135m``.
 4. ``kmeans``: faiss vs scikit-learn K-means (k = ceil(sqrt(N)), 20 iterations, 384-d random unit vectors drawn
    around k random centres) at each of ``--kmeans-sizes``, then SemDeDup and a core-set selection (0.5%) on the
@@ -123,7 +123,7 @@ def section_minhash(args) -> dict:
     template = MinHash(num_perm=128, scheme="affine32", hashfunc=crc32_hash)
     perms = template.permutations.astype(np.uint32)
     t0 = time.perf_counter()
-    sigs = np.concatenate([minhash_signatures(texts[i:i + 2048], perms, 3) for i in range(0, len(texts), 2048)])
+    sigs = np.concatenate([minhash_signatures(texts[i:i + 256], perms, 3) for i in range(0, len(texts), 256)])
     out["alignkit_batched_rows_per_s"] = round(len(texts) / (time.perf_counter() - t0))
     out["batched_equals_bulk"] = bool(all(np.array_equal(m.hashvalues, s) for m, s in zip(bulk, sigs)))
     out["speedup_vs_plain"] = round(out["alignkit_batched_rows_per_s"] / out["datasketch_plain_rows_per_s"], 1)
