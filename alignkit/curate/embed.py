@@ -42,6 +42,7 @@ class Embedder:
         from transformers import AutoModel, AutoTokenizer
 
         self.spec, self.max_length, self.batch_size, self.calls = spec, max_length, batch_size, 0
+        self.forward_kw: dict = {}
         if spec == "minilm":
             path = minilm_dir()
             self.tokenizer = AutoTokenizer.from_pretrained(path)
@@ -55,6 +56,8 @@ class Embedder:
             except (OSError, ValueError) as e:
                 raise ValueError(f"--embedder {spec!r}: cannot load the model ({str(e).splitlines()[0]})") from None
             self.tokenizer.padding_side = "right"
+            # only the hidden states are used: skip the (B, T, vocab) logits (1.6 GB for SmolLM2 at 64 x 128)
+            self.forward_kw = {"logits_to_keep": 1}
             self.id = f"{spec}:{_weights_fingerprint(self.model)}:{max_length}"
         else:
             raise ValueError(f"--embedder: expected 'minilm' or 'causal:MODEL', got {spec!r}")
@@ -66,7 +69,7 @@ class Embedder:
             batch = self.tokenizer(list(texts[start:start + self.batch_size]), padding=True, truncation=True,
                                    max_length=self.max_length, return_tensors="pt")
             self.calls += 1
-            hidden = self.model(**batch, output_hidden_states=True).hidden_states[-1]  # (B, T, d)
+            hidden = self.model(**batch, output_hidden_states=True, **self.forward_kw).hidden_states[-1]  # (B, T, d)
             mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)  # mean over real tokens, (B, d)
             out.append(torch.nn.functional.normalize(pooled.float(), dim=-1).numpy())
