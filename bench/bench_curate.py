@@ -154,7 +154,7 @@ def section_kmeans(args) -> dict:
     from alignkit.curate.select import allocate, kmeans, pick_centroid
 
     n, d = args.n, 384
-    k = math.ceil(math.sqrt(n))
+    k = args.k or math.ceil(math.sqrt(n))
     rng = np.random.default_rng(0)
     centres = rng.normal(size=(k, d)).astype(np.float32)
     x = centres[rng.integers(0, k, n)] + 0.5 * rng.normal(size=(n, d)).astype(np.float32)
@@ -193,6 +193,7 @@ def main() -> None:
     parser.add_argument("--embed-rows", type=int, default=1024)
     parser.add_argument("--kmeans-sizes", default="100000,1000000")
     parser.add_argument("--backends", default="faiss,sklearn")
+    parser.add_argument("--k", type=int, default=0, help="K-means clusters; 0: ceil(sqrt(N))")
     parser.add_argument("--sections", default="minhash,embed,kmeans,pipeline")
     parser.add_argument("--section", help=argparse.SUPPRESS)  # internal: run one section in this process
     parser.add_argument("--n", type=int, help=argparse.SUPPRESS)
@@ -206,7 +207,7 @@ def main() -> None:
         sizes = [int(s) for s in args.kmeans_sizes.split(",")] if name == "kmeans" else [None]
         for n in sizes:
             argv = [sys.executable, __file__, "--section", name, "--rows", str(args.rows), "--minhash-rows",
-                    str(args.minhash_rows), "--embed-rows", str(args.embed_rows), "--backends", args.backends]
+                    str(args.minhash_rows), "--embed-rows", str(args.embed_rows), "--backends", args.backends, "--k", str(args.k)]
             argv += ["--n", str(n)] if n else []
             proc = subprocess.run(argv, capture_output=True, text=True)
             if proc.returncode:
