@@ -31,6 +31,7 @@ ALGORITHMS = {
     "raft": ("alignkit.algos.raft", "RAFTConfig", "train",
              "RAFT: sample K per prompt, keep the best by reward (optionally minus beta*KL), SFT on it, repeat"),
     "bon": ("alignkit.algos.bon", "BoNConfig", "run", "best-of-N sampling baseline (no training); KL = log N - (N-1)/N"),
+    "curate": ("alignkit.curate", "CurateConfig", "run", "data curation: dedup (exact, MinHash, semantic), quality rules, scoring, core-set selection"),
     "evaluate": ("alignkit.evaluate", "EvalConfig", "run",
                  "score a policy's samples on held-out prompts: reward, KL to the reference, distinct-2, length"),
     "serve": ("alignkit.serve", "ServeConfig", "run", "OpenAI-compatible HTTP server (completions, chat, logprobs, streaming)"),
@@ -99,6 +100,8 @@ def build_config(cls, flags: dict[str, Any], yaml_values: dict[str, Any] | None 
     values.update(flags)
     for name, value in values.items():
         kind = leaves[name][0]
+        if kind is str and isinstance(value, list) and all(isinstance(v, str) for v in value):
+            values[name] = value = ",".join(value)  # a YAML list for a comma-list option (e.g. curate's steps)
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             values[name] = float(value)
         elif not isinstance(value, kind):
