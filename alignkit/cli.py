@@ -30,6 +30,10 @@ ALGORITHMS = {
     "bon": ("alignkit.algos.bon", "BoNConfig", "run", "best-of-N sampling baseline (no training); KL = log N - (N-1)/N"),
     "evaluate": ("alignkit.evaluate", "EvalConfig", "run",
                  "score a policy's samples on held-out prompts: reward, KL to the reference, distinct-2, length"),
+    "label": ("alignkit.feedback", "LabelConfig", "label",
+              "AI feedback: a judge labels pairs of responses (soft labels, both orders) for rm/dpo"),
+    "critique": ("alignkit.feedback", "CritiqueConfig", "critique",
+                 "Constitutional AI: critique -> revision chains; writes SFT data and revision-over-original pairs"),
 }
 
 
