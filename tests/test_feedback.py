@@ -147,6 +147,28 @@ def test_judge_specs_and_their_errors():
         load_judge("test_feedback:no_such_function")
 
 
+def test_http_answer_parsing_candidates_then_top_logprobs_then_text():
+    """The three ways an OpenAI-compatible answer yields P(first): alignkit serve's candidate_logprobs, the
+    top_logprobs of the first position (chat and completions shapes; a missing answer token bounded by the smallest
+    listed log-prob), and the answer text as a last resort."""
+    from alignkit.feedback.judges import HTTPJudge, pair_probability, parse_answer
+
+    judge = HTTPJudge("http://127.0.0.1:9/v1", "m")
+    assert judge._probability({"choices": [{"text": "2", "candidate_logprobs": {"1": -1.0, "2": -2.0}}]}) == \
+        pytest.approx(1 / (1 + math.exp(-1.0)))
+    chat = {"choices": [{"message": {"content": "1"}, "logprobs": {"content": [{"token": "1", "logprob": -0.5,
+            "top_logprobs": [{"token": "1", "logprob": -0.5}, {"token": " 2", "logprob": -1.5},
+                             {"token": "2", "logprob": -3.0}]}]}}]}
+    expected = math.exp(-0.5) / (math.exp(-0.5) + math.exp(-1.5) + math.exp(-3.0))  # " 2" and "2" both mean 2
+    assert judge._probability(chat) == pytest.approx(expected)
+    assert not judge.supports_candidates  # the server ignored candidate_tokens: not sent again
+    completions = {"choices": [{"text": "1", "logprobs": {"top_logprobs": [{"1": -0.1, "The": -2.5}]}}]}
+    assert judge._probability(completions) == pytest.approx(1 / (1 + math.exp(-2.4)))
+    assert judge._probability({"choices": [{"text": "Response 2 is better."}]}) == 0.0
+    assert pair_probability({"A": -1.0}) is None
+    assert parse_answer("I prefer response 1.") == 1.0 and parse_answer("neither") == 0.5
+
+
 # ------------------------------------------------------------------------------------------------- cache
 
 
