@@ -85,6 +85,32 @@ def test_local_judge_equals_a_hand_forward_in_both_orders(tiny):
     assert judge.calls == 6
 
 
+def test_chain_of_thought_scores_after_the_generated_rationale(tiny_model_dir, tmp_path):
+    """``alignkit label --judge local:DIR --cot``: the rationale is generated greedily from the CoT request, then
+    the answer tokens are scored after "<rationale>\nPreferred response: " (checked by a hand forward)."""
+    from alignkit.models import load_model
+
+    data = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "Say hi.", "chosen": "Hi!", "rejected": "Go away."}])
+    out = tmp_path / "cot"
+    assert main(["label", "--data", str(data), "--judge", f"local:{tiny_model_dir}", "--cot", "--cot-tokens", "5",
+                 "--output-dir", str(out)]) == 0
+    row = json.loads((out / "pairs.jsonl").read_text())
+    rationales = row["judge"]["rationales"]
+    assert len(rationales) == 2 and all(isinstance(r, str) for r in rationales)
+    model, tokenizer = load_model(str(tiny_model_dir))
+
+    def by_hand(first: str, second: str, rationale: str) -> float:
+        request = judge_request("Say hi.", first, second, LabelConfig().principle, cot=True)
+        ids = tokenizer(render(tokenizer, request, f"{rationale}\n{ENDING} "), add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0, -1]
+        return torch.sigmoid(logits[33] - logits[34]).item()
+
+    chosen, rejected = row["chosen"], row["rejected"]
+    assert row["judge"]["p_chosen_first"] == pytest.approx(by_hand(chosen, rejected, rationales[0]), abs=2e-5)
+    assert row["judge"]["p_chosen_second"] == pytest.approx(1 - by_hand(rejected, chosen, rationales[1]), abs=2e-5)
+
+
 def true_preference(first: str, second: str) -> float:
     """The unbiased judge of the debiasing tests: prefers the response with more words, P in [0.2, 0.8]."""
     return 0.5 + 0.3 * math.tanh(len(first.split()) - len(second.split()))

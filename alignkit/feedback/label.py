@@ -119,14 +119,15 @@ def pair_indices(k: int, rule: str) -> list[tuple[int, int]]:
     raise DataError(f"--pairs must be one of {', '.join(PAIR_RULES)}, got {rule!r}")
 
 
-def pearson(x: list[float], y: list[float]) -> float:
+def pearson(x: list[float], y: list[float]) -> float | None:
+    """Pearson correlation; None when a side is constant (undefined)."""
     n = len(x)
     if n < 2:
-        return float("nan")
+        return None
     mx, my = sum(x) / n, sum(y) / n
     sxy = sum((a - mx) * (b - my) for a, b in zip(x, y, strict=True))
     sxx, syy = sum((a - mx) ** 2 for a in x), sum((b - my) ** 2 for b in y)
-    return sxy / math.sqrt(sxx * syy) if sxx > 0 and syy > 0 else float("nan")
+    return sxy / math.sqrt(sxx * syy) if sxx > 0 and syy > 0 else None
 
 
 def judge_report(verdicts: list[Verdict], texts_a: list[str], texts_b: list[str],
@@ -236,8 +237,8 @@ def label(cfg: LabelConfig) -> Path:
                 "p_chosen_first": v.p_ab if first_is_chosen else 1 - v.p_ba,
                 "p_chosen_second": v.p_ba if first_is_chosen else 1 - v.p_ab,
                 "consistent": v.consistent}
-        if v.rationale or v.rationale_ba:
-            meta["rationales"] = [v.rationale, v.rationale_ba]
+        if cfg.cot:  # rationale with chosen shown first, then with chosen shown second
+            meta["rationales"] = [v.rationale, v.rationale_ba] if first_is_chosen else [v.rationale_ba, v.rationale]
         rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "label": p, "judge": meta})
 
     truth = None
