@@ -34,6 +34,7 @@ ALGORITHMS = {
               "AI feedback: a judge labels pairs of responses (soft labels, both orders) for rm/dpo"),
     "critique": ("alignkit.feedback", "CritiqueConfig", "critique",
                  "Constitutional AI: critique -> revision chains; writes SFT data and revision-over-original pairs"),
+    "serve": ("alignkit.serve", "ServeConfig", "run", "OpenAI-compatible HTTP server (completions, chat, logprobs, streaming)"),
 }
 
 
