@@ -442,3 +442,84 @@ def test_critique_on_a_tiny_model_writes_sft_pairs_and_chains(tmp_path, tiny_mod
         assert all(e.chosen_ids != e.rejected_ids for e in pairs)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["prompts"] == 3 and summary["rounds"] == 2
+
+
+# ------------------------------------------------------------------------------------ against alignkit serve
+
+
+@pytest.fixture(scope="module")
+def served_tiny(tiny_model_dir):
+    """``alignkit serve``'s app over the tiny model, on a free loopback port, in a uvicorn thread."""
+    import socket
+    import threading
+    import urllib.request
+
+    import uvicorn
+
+    from alignkit.models import load_model
+    from alignkit.serve import ServeConfig, create_app
+
+    model, tokenizer = load_model(str(tiny_model_dir))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    app = create_app(model, tokenizer, ServeConfig(model="tiny", port=port, dtype="fp32"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}/v1"
+    for _ in range(200):
+        try:
+            urllib.request.urlopen(f"{url}/models", timeout=1).read()
+            break
+        except OSError:
+            time.sleep(0.05)
+    yield url, model, tokenizer
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+PROMPTS = ["Say hi.", "Name a colour, please, in one word.", "2+2?", "Write a haiku about rain."]
+A = ["Hi!", "Blue.", "4, because two and two make four.", "Rain taps on the roof, the garden drinks"]
+B = ["Hello there, nice to meet you.", "I like green very much.", "5", "no"]
+
+
+def test_http_judge_on_alignkit_serve_equals_the_local_judge(served_tiny):
+    """Completions mode with the judge model's tokenizer sends exactly the text the local judge scores; the
+    server's candidate_logprobs give the same probabilities (8 concurrent requests, batched by the server)."""
+    from alignkit.feedback import HTTPJudge
+
+    url, model, tokenizer = served_tiny
+    local = LocalLMJudge(model, tokenizer).compare(PROMPTS, A, B)
+    judge = HTTPJudge(url, "tiny", tokenizer=tokenizer, concurrency=8)
+    remote = judge.compare(PROMPTS, A, B)
+    assert judge.supports_candidates
+    for r, v in zip(remote, local, strict=True):
+        assert r.p_ab == pytest.approx(v.p_ab, abs=1e-4) and r.p_ba == pytest.approx(v.p_ba, abs=1e-4)
+        assert r.judge == f"http:{url}|tiny"
+
+
+def test_http_judge_chat_mode_scores_the_first_assistant_token(served_tiny):
+    """Chat mode: the server renders the chat template; P(first) = σ(logit "1" − logit "2") at the first assistant
+    position after a user turn that ends with the ending (checked by a hand forward)."""
+    from alignkit.feedback import HTTPJudge
+
+    url, model, tokenizer = served_tiny
+    verdicts = HTTPJudge(url, "tiny", mode="chat", concurrency=4).compare(PROMPTS[:2], A[:2], B[:2])
+    for v, p, x, y in zip(verdicts, PROMPTS, A, B, strict=False):
+        text = render(tokenizer, judge_request(p, x, y, v.principle) + f"\n\n{ENDING}")
+        with torch.no_grad():
+            logits = model(torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])).logits[0, -1]
+        assert v.p_ab == pytest.approx(torch.sigmoid(logits[33] - logits[34]).item(), abs=1e-4)
+
+
+def test_critique_through_an_http_endpoint(served_tiny, tmp_path, tiny):
+    url, _, _ = served_tiny
+    out = tmp_path / "cai-http"
+    assert main(["critique", "--endpoint", f"{url}|tiny", "--data", "bundled:instructions_test", "--max-prompts", "2",
+                 "--max-new-tokens", "5", "--temperature", "0", "--output-dir", str(out)]) == 0
+    chains = [json.loads(line) for line in (out / "chains.jsonl").read_text().splitlines()]
+    assert len(chains) == 2 and all(len(c["rounds"]) == 1 for c in chains)
+    assert all(c["initial"] for c in chains)  # bundled instructions carry an answer: it is the initial response
+    _, tokenizer = tiny
+    assert len(read_examples(str(out / "sft.jsonl"), sft_example, tokenizer, 4096)) >= 1
