@@ -523,3 +523,51 @@ def test_critique_through_an_http_endpoint(served_tiny, tmp_path, tiny):
     assert all(c["initial"] for c in chains)  # bundled instructions carry an answer: it is the initial response
     _, tokenizer = tiny
     assert len(read_examples(str(out / "sft.jsonl"), sft_example, tokenizer, 4096)) >= 1
+
+
+def test_http_judge_sends_the_api_key_from_the_environment_and_retries_then_fails_in_one_line(
+        tiny_model_dir, monkeypatch, tmp_path, capsys):
+    import socket
+    import threading
+
+    import uvicorn
+
+    from alignkit.feedback import HTTPJudge
+    from alignkit.feedback.client import HTTPStatusError
+    from alignkit.models import load_model
+    from alignkit.serve import ServeConfig, create_app
+
+    model, tokenizer = load_model(str(tiny_model_dir))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(model, tokenizer, ServeConfig(model="tiny", dtype="fp32"),
+                                                      api_key="s3cret"), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.02)
+    try:
+        url = f"http://127.0.0.1:{port}/v1"
+        monkeypatch.delenv("JUDGE_TEST_KEY", raising=False)
+        with pytest.raises(HTTPStatusError, match="HTTP 401"):
+            HTTPJudge(url, "tiny", api_key_env="JUDGE_TEST_KEY").compare(["Q"], ["a"], ["b"])
+        monkeypatch.setenv("JUDGE_TEST_KEY", "s3cret")
+        v = HTTPJudge(url, "tiny", api_key_env="JUDGE_TEST_KEY").compare(["Q"], ["a"], ["b"])[0]
+        assert 0 < v.p_ab < 1
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+    # nothing listens there any more: retried with back-off, then one clear error
+    judge = HTTPJudge(url, "tiny", retries=2, timeout=2)
+    judge.client.backoff = 0.01
+    start = time.time()
+    with pytest.raises(ConnectionError, match=r"unreachable after 3 attempts"):
+        judge.compare(["Q"], ["a"], ["b"])
+    assert time.time() - start < 10
+    data = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "Q", "chosen": "a", "rejected": "b"}])
+    assert main(["label", "--data", str(data), "--judge", f"{url}|tiny", "--retries", "0",
+                 "--output-dir", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"alignkit: error: --judge {url}|tiny: ") and "unreachable after 1 attempts" in err

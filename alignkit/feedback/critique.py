@@ -203,6 +203,17 @@ def critique(cfg: CritiqueConfig) -> Path:
         default_threads()
         model, tokenizer = load_model(cfg.model.model, trust_remote_code=cfg.model.trust_remote_code)
         generate = LocalGenerator(model, tokenizer, cfg)
+    from alignkit.feedback.client import HTTPStatusError
+
+    try:
+        chains = _chains(items, principles, generate, cfg)
+    except (ConnectionError, HTTPStatusError) as error:
+        raise DataError(f"--endpoint {cfg.endpoint}: {error}") from None
+    _write(chains, items, generate, cfg)
+    return Path(cfg.output_dir)
+
+
+def _chains(items: list[Item], principles: list, generate: Any, cfg: CritiqueConfig) -> list[dict]:
     rng = random.Random(cfg.seed)
     chains = []
     for start in range(0, len(items), cfg.batch_size):
@@ -233,7 +244,10 @@ def critique(cfg: CritiqueConfig) -> Path:
             chains.append({"prompt": item.prompt, "where": item.where, "initial": initial[i], "rounds": rounds[i],
                            "final": current[i], "conversation": conversations[i]})
         print(f"critique: {min(start + cfg.batch_size, len(items))}/{len(items)} prompts", file=sys.stderr, flush=True)
+    return chains
 
+
+def _write(chains: list[dict], items: list[Item], generate: Any, cfg: CritiqueConfig) -> None:
     as_messages = generate.templated or any(not isinstance(item.prompt, str) for item in items)
     sft, pairs = [], []
     for chain, item in zip(chains, items, strict=True):
@@ -264,4 +278,3 @@ def critique(cfg: CritiqueConfig) -> Path:
     os.replace(tmp, out_dir / "summary.json")
     print(json.dumps(summary, indent=2))
     print(f"wrote {len(sft)} SFT rows, {len(pairs)} revision-over-original pairs and the chains to {out_dir}")
-    return out_dir

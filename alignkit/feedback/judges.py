@@ -102,6 +102,9 @@ class Judge:
         results: dict[str, tuple[float, str]] = dict(known)
         missing = list(dict.fromkeys(k for k in keys if k not in results))  # duplicates asked once
         where = {k: i for i, k in reversed(list(enumerate(keys)))}
+        # similar lengths share a batch (little padding); a pair's two orders have the same length, so they sit
+        # side by side and a killed job resumes with whole pairs done
+        missing.sort(key=lambda k: sum(len(prompt_text(x)) for x in items[where[k]][:3]))
         for start in range(0, len(missing), self.batch_size):
             chunk = missing[start : start + self.batch_size]
             answers = self.score_shown([items[where[k]] for k in chunk])
@@ -423,16 +426,16 @@ SPECS = """\
 
 
 def load_judge(spec: str, principle: str = DEFAULT_PRINCIPLE, cache: JudgeCache | None = None, batch_size: int = 16,
-               cot: bool = False, cot_tokens: int = 64, **http: Any) -> Judge:
-    """Resolve a judge spec (one of ``SPECS``)."""
+               cot: bool = False, cot_tokens: int = 64, preamble: str = PREAMBLE, **http: Any) -> Judge:
+    """Resolve a judge spec (one of ``SPECS``); ``preamble``, ``cot`` and ``http`` apply to LM judges only."""
     if spec == "local" or spec.startswith("local:"):
         model = spec.partition(":")[2] or "smollm2-135m"
         return LocalLMJudge(model, principle=principle, cache=cache, batch_size=batch_size, cot=cot,
-                            cot_tokens=cot_tokens)
+                            cot_tokens=cot_tokens, preamble=preamble)
     if spec.startswith(("http://", "https://")):
         url, _, model = spec.partition("|")
         return HTTPJudge(url, model or "default", principle=principle, cache=cache, batch_size=batch_size, cot=cot,
-                         cot_tokens=cot_tokens, **http)
+                         cot_tokens=cot_tokens, preamble=preamble, **http)
     if spec.startswith("reward:") and spec[len("reward:") :]:
         return RewardModelJudge(spec[len("reward:") :], principle=principle, cache=cache, batch_size=batch_size)
     kind, _, attr = spec.partition(":")

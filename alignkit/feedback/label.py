@@ -33,7 +33,7 @@ from typing import Any
 from alignkit.config import DataConfig, arg
 from alignkit.data import DataError, load_records
 from alignkit.feedback.cache import JudgeCache
-from alignkit.feedback.judges import DEFAULT_PRINCIPLE, EnsembleJudge, Verdict, load_judge
+from alignkit.feedback.judges import DEFAULT_PRINCIPLE, PREAMBLE, EnsembleJudge, Verdict, load_judge
 from alignkit.rewards.base import prompt_text
 
 PAIR_RULES = ("adjacent", "all")
@@ -44,6 +44,7 @@ class LabelConfig:
     data: DataConfig = field(default_factory=DataConfig)
     judge: str = arg("local:smollm2-135m", "judge: local[:MODEL] | http://HOST/v1|MODEL | reward:SPEC | module:function")
     principle: str = arg(DEFAULT_PRINCIPLE, "the question the judge answers about the two responses")
+    preamble: str = arg(PREAMBLE, "LM judges: the instructions before the principle and the two responses")
     ensemble: str = arg("", "average over every principle of a constitution: 'default' or a YAML file; empty: off")
     cot: bool = arg(False, "chain of thought: the judge writes a rationale, then answers")
     cot_tokens: int = arg(64, "longest rationale in tokens (with --cot)")
@@ -57,6 +58,7 @@ class LabelConfig:
     http_mode: str = arg("completions", "HTTP judge: completions (rendered text) | chat (server's template)")
     concurrency: int = arg(8, "HTTP judge: requests in flight")
     timeout: float = arg(120.0, "HTTP judge: seconds per request before a retry")
+    retries: int = arg(4, "HTTP judge: retries of a failed request (back-off 0.5 s x 2^k)")
     api_key_env: str = arg("OPENAI_API_KEY", "HTTP judge: environment variable holding the API key")
 
 
@@ -183,8 +185,9 @@ def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
 def make_judge(cfg: LabelConfig, cache: JudgeCache | None):
     if not 0.5 <= cfg.min_label <= 1.0:
         raise DataError(f"--min-label must be in [0.5, 1], got {cfg.min_label}")
-    http = dict(mode=cfg.http_mode, concurrency=cfg.concurrency, timeout=cfg.timeout, api_key_env=cfg.api_key_env)
-    judge = load_judge(cfg.judge, cfg.principle, cache, cfg.batch_size, cfg.cot, cfg.cot_tokens,
+    http = dict(mode=cfg.http_mode, concurrency=cfg.concurrency, timeout=cfg.timeout, api_key_env=cfg.api_key_env,
+                retries=cfg.retries)
+    judge = load_judge(cfg.judge, cfg.principle, cache, cfg.batch_size, cfg.cot, cfg.cot_tokens, cfg.preamble,
                        **(http if cfg.judge.startswith(("http://", "https://")) else {}))
     if cfg.ensemble:
         from alignkit.feedback.constitution import load_constitution
@@ -223,7 +226,12 @@ def label(cfg: LabelConfig) -> Path:
     def progress(done: int, total: int) -> None:
         print(f"label: {done}/{total} judge calls", file=sys.stderr, flush=True)
 
-    verdicts = judge.compare(prompts, texts_a, texts_b, progress=progress)
+    from alignkit.feedback.client import HTTPStatusError
+
+    try:
+        verdicts = judge.compare(prompts, texts_a, texts_b, progress=progress)
+    except (ConnectionError, HTTPStatusError) as error:  # answers so far are in the cache; a rerun resumes
+        raise DataError(f"--judge {cfg.judge}: {error}") from None
     rows, dropped = [], 0
     for prompt, x, y, v in zip(prompts, a, b, verdicts, strict=True):
         first_is_chosen = v.p_a >= 0.5
