@@ -180,17 +180,17 @@ def test_http_answer_parsing_candidates_then_top_logprobs_then_text():
     from alignkit.feedback.judges import HTTPJudge, pair_probability, parse_answer
 
     judge = HTTPJudge("http://127.0.0.1:9/v1", "m")
-    assert judge._probability({"choices": [{"text": "2", "candidate_logprobs": {"1": -1.0, "2": -2.0}}]}) == \
+    assert judge._probability({"text": "2", "candidate_logprobs": {"1": -1.0, "2": -2.0}}) == \
         pytest.approx(1 / (1 + math.exp(-1.0)))
-    chat = {"choices": [{"message": {"content": "1"}, "logprobs": {"content": [{"token": "1", "logprob": -0.5,
+    chat = {"message": {"content": "1"}, "logprobs": {"content": [{"token": "1", "logprob": -0.5,
             "top_logprobs": [{"token": "1", "logprob": -0.5}, {"token": " 2", "logprob": -1.5},
-                             {"token": "2", "logprob": -3.0}]}]}}]}
+                             {"token": "2", "logprob": -3.0}]}]}}
     expected = math.exp(-0.5) / (math.exp(-0.5) + math.exp(-1.5) + math.exp(-3.0))  # " 2" and "2" both mean 2
     assert judge._probability(chat) == pytest.approx(expected)
     assert not judge.supports_candidates  # the server ignored candidate_tokens: not sent again
-    completions = {"choices": [{"text": "1", "logprobs": {"top_logprobs": [{"1": -0.1, "The": -2.5}]}}]}
+    completions = {"text": "1", "logprobs": {"top_logprobs": [{"1": -0.1, "The": -2.5}]}}
     assert judge._probability(completions) == pytest.approx(1 / (1 + math.exp(-2.4)))
-    assert judge._probability({"choices": [{"text": "Response 2 is better."}]}) == 0.0
+    assert judge._probability({"text": "Response 2 is better."}) == 0.0
     assert pair_probability({"A": -1.0}) is None
     assert parse_answer("I prefer response 1.") == 1.0 and parse_answer("neither") == 0.5
 
@@ -533,9 +533,9 @@ def test_http_judge_sends_the_api_key_from_the_environment_and_retries_then_fail
     import uvicorn
 
     from alignkit.feedback import HTTPJudge
-    from alignkit.feedback.client import HTTPStatusError
     from alignkit.models import load_model
     from alignkit.serve import ServeConfig, create_app
+    from alignkit.serve.client import RequestError, ServerError
 
     model, tokenizer = load_model(str(tiny_model_dir))
     with socket.socket() as s:
@@ -551,7 +551,7 @@ def test_http_judge_sends_the_api_key_from_the_environment_and_retries_then_fail
     try:
         url = f"http://127.0.0.1:{port}/v1"
         monkeypatch.delenv("JUDGE_TEST_KEY", raising=False)
-        with pytest.raises(HTTPStatusError, match="HTTP 401"):
+        with pytest.raises(RequestError, match="HTTP 401"):
             HTTPJudge(url, "tiny", api_key_env="JUDGE_TEST_KEY").compare(["Q"], ["a"], ["b"])
         monkeypatch.setenv("JUDGE_TEST_KEY", "s3cret")
         v = HTTPJudge(url, "tiny", api_key_env="JUDGE_TEST_KEY").compare(["Q"], ["a"], ["b"])[0]
@@ -563,7 +563,7 @@ def test_http_judge_sends_the_api_key_from_the_environment_and_retries_then_fail
     judge = HTTPJudge(url, "tiny", retries=2, timeout=2)
     judge.client.backoff = 0.01
     start = time.time()
-    with pytest.raises(ConnectionError, match=r"unreachable after 3 attempts"):
+    with pytest.raises(ServerError, match=r"unreachable after 3 attempts"):
         judge.compare(["Q"], ["a"], ["b"])
     assert time.time() - start < 10
     data = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "Q", "chosen": "a", "rejected": "b"}])

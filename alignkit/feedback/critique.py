@@ -54,7 +54,7 @@ class CritiqueConfig:
     batch_size: int = arg(16, "conversations sampled together")
     max_prompts: int = arg(0, "only the first N prompts; 0: all")
     endpoint: str = arg("", "generate through an OpenAI-compatible endpoint: http://HOST/v1|MODEL; empty: --model")
-    api_key_env: str = arg("OPENAI_API_KEY", "endpoint: environment variable holding the API key")
+    api_key_env: str = arg("ALIGNKIT_API_KEY", "endpoint: environment variable holding the API key")
     concurrency: int = arg(8, "endpoint: requests in flight")
     output_dir: str = arg("runs/critique", "sft.jsonl, pairs.jsonl, chains.jsonl and summary.json go here")
     seed: int = arg(0, "seed for principle draws and sampling")
@@ -156,25 +156,20 @@ class LocalGenerator:
 
 
 class HTTPGenerator:
-    """The next assistant turn from an OpenAI-compatible chat endpoint, ``concurrency`` requests in flight."""
+    """The next assistant turn from an OpenAI-compatible chat endpoint (``alignkit.serve.client``: retries,
+    back-off, ``concurrency`` requests in flight)."""
 
     def __init__(self, spec: str, cfg: CritiqueConfig):
-        from alignkit.feedback.client import OpenAIClient
+        from alignkit.serve.client import Client
 
-        url, _, self.model = spec.partition("|")
-        self.model = self.model or "default"
-        self.client = OpenAIClient(url, cfg.api_key_env, concurrency=cfg.concurrency)
+        url, _, model = spec.partition("|")
+        self.client = Client(url, model or None, api_key_env=cfg.api_key_env, max_concurrency=cfg.concurrency)
         self.max_tokens, self.temperature, self.top_p = cfg.max_new_tokens, max(cfg.temperature, 0.0), cfg.top_p
         self.templated = True
 
     def __call__(self, conversations: list[Messages]) -> list[str]:
-        from alignkit.feedback.client import choice_text
-
-        def one(conversation: Messages) -> str:
-            answer = self.client.chat(self.model, conversation, self.max_tokens, self.temperature, top_p=self.top_p)
-            return choice_text(answer).strip()
-
-        return self.client.map(one, conversations)
+        results = self.client.chat(conversations, self.max_tokens, self.temperature, top_p=self.top_p)
+        return [r.text.strip() for r in results]
 
 
 def _say(conversations: list[Messages], role: str, texts: list[str]) -> None:
@@ -203,11 +198,11 @@ def critique(cfg: CritiqueConfig) -> Path:
         default_threads()
         model, tokenizer = load_model(cfg.model.model, trust_remote_code=cfg.model.trust_remote_code)
         generate = LocalGenerator(model, tokenizer, cfg)
-    from alignkit.feedback.client import HTTPStatusError
+    from alignkit.serve.client import RequestError, ServerError
 
     try:
         chains = _chains(items, principles, generate, cfg)
-    except (ConnectionError, HTTPStatusError) as error:
+    except (RequestError, ServerError) as error:
         raise DataError(f"--endpoint {cfg.endpoint}: {error}") from None
     _write(chains, items, generate, cfg)
     return Path(cfg.output_dir)

@@ -27,6 +27,7 @@ import inspect
 import math
 import re
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -255,58 +256,69 @@ def parse_answer(text: str) -> float:
 
 
 class HTTPJudge(Judge):
-    """A judge behind any OpenAI-compatible endpoint ``base_url`` (``http://host:port/v1``) serving ``model``.
+    """A judge behind any OpenAI-compatible endpoint ``base_url`` (``http://host:port/v1``) serving ``model`` (None:
+    the first one the server lists).
 
     Per shown pair, the first of these the server offers: (1) ``candidate_tokens: ["1", "2"]``, the
     ``alignkit serve`` extension that returns ``choices[0].candidate_logprobs`` for the first generated position;
     (2) ``top_logprobs`` of that position; (3) the answer text, parsed (a hard 0/1). ``mode="completions"`` sends
     the rendered text (through ``tokenizer``'s chat template when given, so it matches ``LocalLMJudge`` on the same
     model); ``mode="chat"`` sends a user message and lets the server apply its template. Time-outs, retries with
-    back-off, the concurrency limit and the API key (``api_key_env``) are the client's."""
+    back-off, the concurrency limit and the API key (from ``api_key_env``) are those of ``alignkit.serve.client``."""
 
-    def __init__(self, base_url: str, model: str = "default", principle: str = DEFAULT_PRINCIPLE,
+    def __init__(self, base_url: str, model: str | None = None, principle: str = DEFAULT_PRINCIPLE,
                  cache: JudgeCache | None = None, batch_size: int = 16, cot: bool = False, cot_tokens: int = 64,
                  preamble: str = PREAMBLE, mode: str = "completions", tokenizer: Any = None,
-                 api_key_env: str = "OPENAI_API_KEY", timeout: float = 120.0, retries: int = 4, concurrency: int = 8):
+                 api_key_env: str = "ALIGNKIT_API_KEY", timeout: float = 120.0, retries: int = 4, concurrency: int = 8):
         super().__init__(principle, cache, batch_size)
-        from alignkit.feedback.client import OpenAIClient
+        from alignkit.serve.client import Client
 
         if mode not in ("completions", "chat"):
             raise ValueError(f"HTTP judge mode must be completions or chat, got {mode!r}")
-        self.client = OpenAIClient(base_url, api_key_env, timeout, retries, concurrency=concurrency)
-        self.model, self.mode, self.tokenizer = model, mode, tokenizer
+        self.client = Client(base_url, model, api_key_env=api_key_env, timeout=timeout, retries=retries,
+                             max_concurrency=concurrency)
+        self.mode, self.tokenizer, self.concurrency = mode, tokenizer, concurrency
         self.cot, self.cot_tokens, self.preamble = cot, cot_tokens, preamble
         self.sep = answer_tokens(tokenizer)[0] if tokenizer is not None else " "
         self.candidates = ["1", "2"] if (self.sep == " " or mode == "chat") else [" 1", " 2"]
         self.supports_candidates = True  # switched off for good after a server rejects or ignores the field
-        self.name = f"http:{base_url}|{model}"
+        self.name = f"http:{base_url}|{model or ''}"
         self.template = cache_key(preamble, ENDING, COT_REQUEST if cot else ANSWER_REQUEST, cot_tokens if cot else 0,
                                   mode, getattr(tokenizer, "chat_template", None) if tokenizer is not None else None)
 
     def _text(self, request: str, prefill: str) -> str:
         return render(self.tokenizer, request, prefill) if self.tokenizer is not None else f"{request}\n\n{prefill}"
 
-    def _ask(self, prompt_or_messages: Any, max_tokens: int, score: bool) -> dict:
-        from alignkit.feedback.client import HTTPStatusError
+    def _post(self, prompt: Any, max_tokens: int, score: bool) -> dict:
+        """One request (completions: a text; chat: messages); the first choice as the server sent it."""
+        from alignkit.serve.client import RequestError
 
-        extra: dict[str, Any] = {}
-        if score:
-            extra = {"logprobs": 20} if self.mode == "completions" else {"logprobs": True, "top_logprobs": 20}
-            if self.supports_candidates:
-                extra["candidate_tokens"] = self.candidates
-        send = self.client.complete if self.mode == "completions" else self.client.chat
+        body: dict[str, Any] = {"model": self.client.model, "max_tokens": max_tokens, "temperature": 0.0}
+        if self.mode == "completions":
+            body["prompt"] = prompt
+            if score:
+                body["logprobs"] = 20
+        else:
+            body["messages"] = prompt
+            if score:
+                body.update(logprobs=True, top_logprobs=20)
+        if score and self.supports_candidates:
+            body["candidate_tokens"] = self.candidates
+        path = "/completions" if self.mode == "completions" else "/chat/completions"
         try:
-            return send(self.model, prompt_or_messages, max_tokens, 0.0, **extra)
-        except HTTPStatusError as error:
-            if error.status == 400 and "candidate_tokens" in extra:  # a server that rejects unknown fields
-                self.supports_candidates = False
-                return self._ask(prompt_or_messages, max_tokens, score)
-            raise
+            answer = self.client.request("POST", path, body)
+        except RequestError:
+            if "candidate_tokens" not in body:
+                raise
+            self.supports_candidates = False  # a server that rejects unknown fields: ask again without it
+            return self._post(prompt, max_tokens, score)
+        if not isinstance(answer, dict) or not answer.get("choices"):
+            raise ValueError(f"{self.client.base_url}{path}: expected an answer with 'choices', got {str(answer)[:200]}")
+        return answer["choices"][0]
 
-    def _probability(self, answer: dict) -> float:
-        choice = answer["choices"][0]
+    def _probability(self, choice: dict) -> float:
         candidates = choice.get("candidate_logprobs")
-        if isinstance(candidates, dict) and len(candidates) == 2:
+        if isinstance(candidates, dict) and all(c in candidates for c in self.candidates):
             l1, l2 = (float(candidates[c]) for c in self.candidates)
             return 1.0 / (1.0 + math.exp(l2 - l1))
         self.supports_candidates = False
@@ -317,31 +329,34 @@ class HTTPJudge(Judge):
         elif isinstance(logprobs.get("top_logprobs"), list) and logprobs["top_logprobs"]:  # completions shape
             top = dict(logprobs["top_logprobs"][0] or {})
         p = pair_probability(top) if top else None
-        if p is not None:
-            return p
-        from alignkit.feedback.client import choice_text
-
-        return parse_answer(choice_text(answer))
+        return p if p is not None else parse_answer(_choice_text(choice))
 
     def _one(self, item: tuple[Prompt, str, str, str]) -> tuple[float, str]:
-        from alignkit.feedback.client import choice_text
-
         prompt, first, second, principle = item
         request = judge_request(prompt, first, second, principle, self.preamble, self.cot)
         rationale = ""
         if self.mode == "chat":
             messages = [{"role": "user", "content": request if self.cot else f"{request}\n\n{ENDING}"}]
             if self.cot:
-                rationale = choice_text(self.client.chat(self.model, messages, self.cot_tokens)).strip()
+                rationale = _choice_text(self._post(messages, self.cot_tokens, score=False)).strip()
                 messages += [{"role": "assistant", "content": rationale}, {"role": "user", "content": COT_FOLLOW_UP}]
-            return self._probability(self._ask(messages, 8, score=True)), rationale
+            return self._probability(self._post(messages, 8, score=True)), rationale
         if self.cot:
-            rationale = choice_text(self.client.complete(self.model, self._text(request, ""), self.cot_tokens)).strip()
+            rationale = _choice_text(self._post(self._text(request, ""), self.cot_tokens, score=False)).strip()
         text = self._text(request, (f"{rationale}\n" if self.cot else "") + ENDING + self.sep)
-        return self._probability(self._ask(text, 8, score=True)), rationale
+        return self._probability(self._post(text, 8, score=True)), rationale
 
     def score_shown(self, items):
-        return self.client.map(self._one, items)
+        if len(items) == 1:
+            return [self._one(items[0])]
+        with ThreadPoolExecutor(min(self.concurrency, len(items))) as pool:  # the client caps requests in flight
+            return list(pool.map(self._one, items))
+
+
+def _choice_text(choice: dict) -> str:
+    if isinstance(choice.get("message"), dict):
+        return choice["message"].get("content") or ""
+    return choice.get("text") or ""
 
 
 # ------------------------------------------------------------------------------------ any labeller plugs in
@@ -434,7 +449,7 @@ def load_judge(spec: str, principle: str = DEFAULT_PRINCIPLE, cache: JudgeCache 
                             cot_tokens=cot_tokens, preamble=preamble)
     if spec.startswith(("http://", "https://")):
         url, _, model = spec.partition("|")
-        return HTTPJudge(url, model or "default", principle=principle, cache=cache, batch_size=batch_size, cot=cot,
+        return HTTPJudge(url, model or None, principle=principle, cache=cache, batch_size=batch_size, cot=cot,
                          cot_tokens=cot_tokens, preamble=preamble, **http)
     if spec.startswith("reward:") and spec[len("reward:") :]:
         return RewardModelJudge(spec[len("reward:") :], principle=principle, cache=cache, batch_size=batch_size)

@@ -59,7 +59,7 @@ class LabelConfig:
     concurrency: int = arg(8, "HTTP judge: requests in flight")
     timeout: float = arg(120.0, "HTTP judge: seconds per request before a retry")
     retries: int = arg(4, "HTTP judge: retries of a failed request (back-off 0.5 s x 2^k)")
-    api_key_env: str = arg("OPENAI_API_KEY", "HTTP judge: environment variable holding the API key")
+    api_key_env: str = arg("ALIGNKIT_API_KEY", "HTTP judge: environment variable holding the API key")
 
 
 @dataclass
@@ -226,11 +226,11 @@ def label(cfg: LabelConfig) -> Path:
     def progress(done: int, total: int) -> None:
         print(f"label: {done}/{total} judge calls", file=sys.stderr, flush=True)
 
-    from alignkit.feedback.client import HTTPStatusError
+    from alignkit.serve.client import RequestError, ServerError
 
     try:
         verdicts = judge.compare(prompts, texts_a, texts_b, progress=progress)
-    except (ConnectionError, HTTPStatusError) as error:  # answers so far are in the cache; a rerun resumes
+    except (RequestError, ServerError) as error:  # answers so far are in the cache; a rerun resumes
         raise DataError(f"--judge {cfg.judge}: {error}") from None
     rows, dropped = [], 0
     for prompt, x, y, v in zip(prompts, a, b, verdicts, strict=True):
