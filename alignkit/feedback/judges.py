@@ -67,8 +67,8 @@ def combine(p_first_ab: float, p_first_ba: float) -> tuple[float, float, float, 
 def judge_request(prompt: Prompt, first: str, second: str, principle: str, preamble: str = PREAMBLE,
                   cot: bool = False) -> str:
     """The judge's instructions and the two responses, as one user message."""
-    return (f"{preamble}\n\nPrinciple: {principle}\n\nRequest: {prompt_text(prompt)}\n\n"
-            f"Response 1: {first}\n\nResponse 2: {second}\n\n{COT_REQUEST if cot else ANSWER_REQUEST}")
+    return (f"{preamble}\n\nPrinciple: {principle}\n\nRequest: {prompt_text(prompt).strip()}\n\n"
+            f"Response 1: {first.strip()}\n\nResponse 2: {second.strip()}\n\n{COT_REQUEST if cot else ANSWER_REQUEST}")
 
 
 class Judge:
