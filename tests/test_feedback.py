@@ -171,6 +171,8 @@ def test_judge_specs_and_their_errors():
         load_judge("nonsense")
     with pytest.raises(DataError, match="cannot import"):
         load_judge("test_feedback:no_such_function")
+    with pytest.raises(DataError, match="--judge local:/no/such/model: cannot load the judge model"):
+        load_judge("local:/no/such/model")
 
 
 def test_http_answer_parsing_candidates_then_top_logprobs_then_text():

@@ -445,8 +445,12 @@ def load_judge(spec: str, principle: str = DEFAULT_PRINCIPLE, cache: JudgeCache 
     """Resolve a judge spec (one of ``SPECS``); ``preamble``, ``cot`` and ``http`` apply to LM judges only."""
     if spec == "local" or spec.startswith("local:"):
         model = spec.partition(":")[2] or "smollm2-135m"
-        return LocalLMJudge(model, principle=principle, cache=cache, batch_size=batch_size, cot=cot,
-                            cot_tokens=cot_tokens, preamble=preamble)
+        try:
+            return LocalLMJudge(model, principle=principle, cache=cache, batch_size=batch_size, cot=cot,
+                                cot_tokens=cot_tokens, preamble=preamble)
+        except OSError as error:  # no such directory, hub id or weights (nothing is fetched at run time)
+            raise DataError(f"--judge {spec}: cannot load the judge model {model!r} "
+                            f"({str(error).splitlines()[0][:200]})") from None
     if spec.startswith(("http://", "https://")):
         url, _, model = spec.partition("|")
         return HTTPJudge(url, model or None, principle=principle, cache=cache, batch_size=batch_size, cot=cot,
