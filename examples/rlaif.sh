@@ -33,7 +33,9 @@ samples() {
 judge() {  # judge NAME DATA [extra label flags...]
   local name=$1 data=$2
   shift 2
-  $AK label --data "$data" --judge "local:$MODEL" --ground-truth vader --output-dir "$OUT/$name" "$@" \
+  # one cache for all runs: the plain judge on the CoT subset reuses the held-out run's answers
+  $AK label --data "$data" --judge "local:$MODEL" --ground-truth vader --output-dir "$OUT/$name" \
+    --cache "$OUT/judge_cache.sqlite" "$@" \
     > "$OUT/$name.log"
   echo "$name: $(python3 -c "import json,sys; s=json.load(open(sys.argv[1])); g=s['ground_truth']; print(
     f\"pairs {s['pairs']}, agreement one order {g['agreement_single_order']:.3f}, both orders {g['agreement']:.3f}, \"
