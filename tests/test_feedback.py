@@ -338,6 +338,32 @@ def test_label_writes_soft_pairs_that_rm_and_dpo_read(tmp_path, tiny):
     assert [e.label for e in rm_examples] == [p["label"] for p in pairs] == [e.label for e in dpo_examples]
 
 
+def by_principle(prompt, first: str, second: str, principle: str) -> float:
+    """Prefers the longer response only under the constitution's 'clarity' principle (which asks for concision: a
+    principle-sensitive labeller for the ensemble test), else is indifferent."""
+    if "clearer" not in principle:
+        return 0.5
+    return 0.2 if len(first) > len(second) else 0.8
+
+
+def test_label_ensemble_over_the_constitution_and_min_label(tmp_path):
+    """--ensemble default averages over all principles of the bundled constitution: one of them moves P by ±0.3,
+    so the label is 0.5 + 0.3/K; --min-label above that drops every pair."""
+    k = len(load_constitution())
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "Q", "responses": ["short", "a much longer answer"]}])
+    out = tmp_path / "ens"
+    assert main(["label", "--data", str(data), "--judge", "test_feedback:by_principle", "--ensemble", "default",
+                 "--output-dir", str(out)]) == 0
+    row = json.loads((out / "pairs.jsonl").read_text())
+    assert row["chosen"] == "short" and row["label"] == pytest.approx(0.5 + 0.3 / k)
+    assert row["judge"]["name"].startswith("ensemble(") and json.loads((out / "summary.json").read_text())[
+        "judge_calls"] == 2 * k
+    assert main(["label", "--data", str(data), "--judge", "test_feedback:by_principle", "--ensemble", "default",
+                 "--min-label", "0.6", "--output-dir", str(out)]) == 0
+    assert (out / "pairs.jsonl").read_text() == ""
+    assert json.loads((out / "summary.json").read_text())["dropped_below_min_label"] == 1
+
+
 def test_label_errors_are_one_line(tmp_path, capsys):
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "x", "responses": ["a", "b"]}, {"prompt": "y", "responses": ["a"]}])
     assert main(["label", "--data", str(bad), "--judge", "reward:vader", "--output-dir", str(tmp_path / "o")]) == 1
