@@ -103,9 +103,8 @@ class Judge:
         results: dict[str, tuple[float, str]] = dict(known)
         missing = list(dict.fromkeys(k for k in keys if k not in results))  # duplicates asked once
         where = {k: i for i, k in reversed(list(enumerate(keys)))}
-        # similar lengths share a batch (little padding); a pair's two orders have the same length, so they sit
-        # side by side and a killed job resumes with whole pairs done
-        missing.sort(key=lambda k: sum(len(prompt_text(x)) for x in items[where[k]][:3]))
+        # similar lengths share a batch (little padding); a pair's two orders (same length) sit side by side
+        missing.sort(key=lambda k: (sum(len(prompt_text(x)) for x in items[where[k]][:3]), where[k] % n))
         for start in range(0, len(missing), self.batch_size):
             chunk = missing[start : start + self.batch_size]
             answers = self.score_shown([items[where[k]] for k in chunk])
