@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState
-from accelerate.utils import set_seed
+from accelerate.utils import send_to_device, set_seed
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -174,6 +174,11 @@ class Engine:
     def autocast(self):
         return self.accelerator.autocast()
 
+    def to_device(self, batch: Any) -> Any:
+        """``batch`` (tensors in dicts, lists, or objects with a ``to(device)`` such as a Rollout) on this
+        process's device: the one place where training and evaluation batches leave the CPU."""
+        return send_to_device(batch, self.device)
+
     # ------------------------------------------------------------------------------------------- one update
     def update(
         self,
@@ -193,6 +198,7 @@ class Engine:
         scale = self.world_size / max(total, 1.0)
         sums: dict[str, float] = {}
         for k, batch in enumerate(micro_batches):
+            batch = self.to_device(batch)  # collate builds CPU tensors; the model may sit on a GPU
             last = k == len(micro_batches) - 1
             sync = nullcontext() if last or self.world_size == 1 else self.accelerator.no_sync(self.module)
             with sync:

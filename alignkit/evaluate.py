@@ -51,7 +51,8 @@ def policy_and_reference(model, reference: str, temperature: float, batch_size: 
 
 def run(cfg: EvalConfig) -> dict[str, float]:
     default_threads()
-    model, tokenizer = load_model(cfg.model.model, trust_remote_code=cfg.model.trust_remote_code)
+    # a LoRA adapter stays attached: with the adapter disabled it is its own base, the default reference
+    model, tokenizer = load_model(cfg.model.model, trust_remote_code=cfg.model.trust_remote_code, merge_adapter=False)
     prompts = prompts_of(cfg.data, tokenizer, cfg.max_prompts, "evaluate")
     reward = load_reward(cfg.rollout.reward)
     ref_fn = policy_and_reference(model, cfg.reference, cfg.rollout.temperature)

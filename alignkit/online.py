@@ -84,7 +84,8 @@ def rollout_and_score(
     rollout = sample(model, [p.prompt_ids for p in rows], sampling, tokenizer=tokenizer, generator=generator)
     texts = tokenizer.batch_decode(rollout.response_ids.masked_fill(rollout.response_mask == 0, tokenizer.pad_token_id),
                                    skip_special_tokens=True)
-    rewards = score(reward, rows, texts, rollout, tokenizer)
+    # rewards live beside the log-probs they are combined with (the policy's device), whatever the source returns
+    rewards = score(reward, rows, texts, rollout, tokenizer).to(rollout.response_ids.device)
     return ScoredRollout(rollout, rows, texts, rewards)
 
 
@@ -223,15 +224,14 @@ def reference_logprobs(model, lora: bool, path: str = "", temperature: float = 1
 
 
 def with_policy_logprobs(model, reference: Callable[[Rollout], torch.Tensor], temperature: float = 1.0,
-                         batch_size: int = 16, autocast=nullcontext, sampled_are_exact: bool = False):
+                         batch_size: int = 16, autocast=nullcontext):
     """``fn(rollout) -> (policy, reference)`` response log-probs (B, T) each, for KL estimates; ``reference`` is
-    a ``reference_logprobs`` function. With ``sampled_are_exact`` (no top-p/top-k filtering, no banned EOS) the
-    sampler's log-probs already are log softmax(logits / T) of the policy, and its forward is skipped."""
+    a ``reference_logprobs`` function. Both sides go through the same training forward, in the same chunks and
+    precision, never the sampler's log-probs (another kernel, perhaps another precision: in bf16 they differ by
+    ~1e-3 per token), so a policy equal to its reference has a KL of exactly 0."""
     policy = LogprobModel(model)
 
     def logps(rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
-        if sampled_are_exact:
-            return rollout.logprobs.float(), reference(rollout)
         with autocast():
             return batched_logprobs(policy, rollout, temperature, batch_size), reference(rollout)
 

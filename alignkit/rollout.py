@@ -23,7 +23,7 @@ matmuls (AVX512-BF16/AMX; oneDNN reports it); elsewhere it is several times slow
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -70,6 +70,10 @@ class Rollout:
     response_mask: Tensor  # (B, T) 1 on generated tokens, including the EOS that ended the response
     logprobs: Tensor  # (B, T) fp32, 0 on padding
     ended_with_eos: Tensor  # (B,) bool; False means truncated at max_new_tokens
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Rollout:
+        """The same rollout on ``device`` (accelerate's send_to_device calls this)."""
+        return Rollout(*(getattr(self, f.name).to(device, non_blocking=non_blocking) for f in fields(self)))
 
     @property
     def input_ids(self) -> Tensor:
@@ -215,8 +219,11 @@ def _resolve_dtype(name: str, model: torch.nn.Module, device: torch.device) -> t
     if name == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-        # Without native bf16 (AVX512-BF16/AMX) CPU bf16 matmuls take a slow reference path.
-        return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+        # Without native bf16 (AVX512-BF16/AMX) CPU bf16 matmuls take a slow reference path. The same test as
+        # the trainers' --mixed-precision auto (and its ALIGNKIT_BF16 override).
+        from alignkit.models import bf16_is_fast
+
+        return torch.bfloat16 if bf16_is_fast() else torch.float32
     if name not in _DTYPES:
         raise ValueError(f"dtype must be one of auto, model, {', '.join(_DTYPES)}; got {name!r}")
     return _DTYPES[name]

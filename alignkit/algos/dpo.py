@@ -21,6 +21,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from accelerate.utils import send_to_device
 
 from alignkit import losses
 from alignkit.config import DataConfig, ModelConfig, arg
@@ -103,10 +104,11 @@ def reference_logps(model, examples: list[PreferenceExample], pad_id: int, autoc
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].prompt_ids) + len(examples[i].chosen_ids))
     values: dict[int, tuple[float, float]] = {}
     adapter_off = adapter_disabled(model) if disable_adapter else nullcontext()
+    device = next(model.parameters()).device
     with adapter_off:
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            batch = collate_pairs([(examples[i], 0.0, 0.0) for i in idx], pad_id)
+            batch = send_to_device(collate_pairs([(examples[i], 0.0, 0.0) for i in idx], pad_id), device)
             with autocast():
                 logps, _ = pair_logps(LogprobModel(model), batch)
             b = len(idx)
@@ -161,7 +163,7 @@ def train(cfg: DPOConfig) -> Path:
     def evaluate() -> dict[str, float]:
         totals: dict[str, float] = {}
         for start in range(0, len(eval_items), 16):
-            batch = collate_pairs(eval_items[start : start + 16], pad_id)
+            batch = engine.to_device(collate_pairs(eval_items[start : start + 16], pad_id))
             with engine.autocast():
                 logps, lengths = pair_logps(LogprobModel(model), batch)
             per_pair, metrics = objective(_split(logps, lengths, batch))

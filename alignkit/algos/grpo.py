@@ -127,6 +127,13 @@ class Batch:
     old_logps: torch.Tensor | None  # None: the policy has not moved since sampling, old = current (detached)
     ref_logps: torch.Tensor | None  # None: no KL term in the loss
 
+    def to(self, device, non_blocking: bool = False) -> Batch:
+        def move(x):
+            return None if x is None else x.to(device, non_blocking=non_blocking)
+
+        return Batch(self.rollout.to(device, non_blocking), *(move(x) for x in (self.advantages, self.old_logps,
+                                                                               self.ref_logps)))
+
 
 def select(rollout: Rollout, index: torch.Tensor, advantages: torch.Tensor, old: torch.Tensor | None,
            ref: torch.Tensor | None) -> Batch:
@@ -151,6 +158,8 @@ def policy_loss(module, batch: Batch, cfg: GRPOConfig) -> tuple[torch.Tensor, di
                                                      cfg.clip_eps, cfg.beta)
     else:
         per_token, metrics = losses.ppo_policy_loss(logps, old, batch.advantages, mask, cfg.clip_eps)
+    if batch.ref_logps is not None:  # Σ_t log π/π_ref per response, from this very forward (see grpo_step)
+        metrics["kl_seq"] = losses.masked_sum(logps.detach() - batch.ref_logps, mask, dim=-1).mean()
     if cfg.loss_agg == "seq-mean":
         total = losses.masked_mean(per_token, mask, dim=-1).sum()
     else:  # token-mean and seq-sum sum the tokens; they differ in the divisor (count_items)
@@ -212,9 +221,13 @@ def grpo_step(engine: Engine, reference: Callable[[Rollout], torch.Tensor] | Non
     metrics = {name: value / n_updates for name, value in sums.items()}
     if "kl" in metrics:  # the k3 term of the loss: per token, under the policy being updated
         metrics["kl_k3"] = metrics.pop("kl")
+    kl_seq = metrics.pop("kl_seq", None)
     if ref_logps is not None:  # as in PPO and evaluation: Σ_t (log π_old − log π_ref) per response, mean over rows
-        sampled = old_logps if old_logps is not None else rollout.logprobs
-        metrics["kl"] = float(losses.masked_sum(sampled - ref_logps, mask, dim=-1).mean())
+        # π_old through the training forward, like π_ref: never the sampler's numbers (another kernel, maybe another
+        # precision), so a policy equal to its reference shows exactly 0. Without a recomputed π_old, the single
+        # update's own forward is π_old (its micro-batches are the reference's chunks, so the shapes match too).
+        metrics["kl"] = float(losses.masked_sum(old_logps - ref_logps, mask, dim=-1).mean()) \
+            if old_logps is not None else kl_seq
     metrics["entropy"] = float(-losses.masked_mean(rollout.logprobs, mask))  # −log π of the sampled tokens
     return metrics
 

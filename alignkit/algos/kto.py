@@ -31,6 +31,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from accelerate.utils import send_to_device
 
 from alignkit import losses
 from alignkit.config import DataConfig, ModelConfig, arg
@@ -102,7 +103,7 @@ def reference_logps(model, items: list[Item], pad_id: int, autocast, batch_size:
     with adapter_off:
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            batch = collate_unpaired([items[i] for i in idx], pad_id)
+            batch = send_to_device(collate_unpaired([items[i] for i in idx], pad_id), next(model.parameters()).device)
             with autocast():
                 logps = completion_logps(LogprobModel(model), batch)
             b = len(idx)
@@ -184,7 +185,7 @@ def train(cfg: KTOConfig) -> Path:
         # z0 and the losses over the whole held-out set at once, so its value does not depend on batching
         logps, kl_logps = [], []
         for start in range(0, len(eval_items), 16):
-            batch = collate_unpaired(eval_items[start : start + 16], pad_id)
+            batch = engine.to_device(collate_unpaired(eval_items[start : start + 16], pad_id))
             with engine.autocast():
                 both = completion_logps(LogprobModel(model), batch)
             b = both.shape[0] // 2

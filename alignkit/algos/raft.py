@@ -107,8 +107,6 @@ def _mean_across(engine: Engine, metrics: dict[str, float]) -> dict[str, float]:
 def train(cfg: RAFTConfig) -> Path:
     default_threads()
     model, tokenizer = load_model(cfg.model.model, lora=cfg.model.lora_settings(), trust_remote_code=cfg.model.trust_remote_code)
-    # π_0 = the initial policy, fixed before resume() can load trained weights
-    reference = reference_logprobs(model, cfg.model.lora, "", cfg.rollout.temperature, cfg.train.batch_size)
     reward = load_reward(cfg.rollout.reward)
     prompts = read_prompts(cfg.data.data, tokenizer, cfg.data.max_length, cfg.data.skip_invalid)
     eval_prompts = read_prompts(cfg.data.eval_data, tokenizer, cfg.data.max_length, cfg.data.skip_invalid) \
@@ -127,8 +125,11 @@ def train(cfg: RAFTConfig) -> Path:
                     run_config={"algo": "raft", **asdict(cfg)})
     sampling = cfg.rollout.sampling()
     k = cfg.rollout.group_size
-    logps_fn = with_policy_logprobs(model, reference, cfg.rollout.temperature, cfg.train.batch_size, engine.autocast,
-                                    sampled_are_exact=cfg.rollout.top_p == 1.0)
+    # π_0 = the initial policy, fixed before resume() can load trained weights; the same precision as the policy's
+    # side of every KL (engine.autocast), so the stage-1 KL of an untrained policy is exactly 0
+    reference = reference_logprobs(model, cfg.model.lora, "", cfg.rollout.temperature, cfg.train.batch_size,
+                                   engine.autocast, device=engine.device)
+    logps_fn = with_policy_logprobs(model, reference, cfg.rollout.temperature, cfg.train.batch_size, engine.autocast)
 
     def evaluate() -> dict[str, float]:
         return evaluate_policy(model, tokenizer, eval_prompts, reward, sampling, logps_fn, seed=cfg.train.seed + 1234)

@@ -166,7 +166,7 @@ def train(cfg: RRHFConfig) -> Path:
         # all held-out prompts in one objective call, so rank agreement is over all their pairs
         avg, present, scores = [], [], []
         for start in range(0, len(eval_examples), 8):
-            batch = collate_ranked(eval_examples[start : start + 8], pad_id)
+            batch = engine.to_device(collate_ranked(eval_examples[start : start + 8], pad_id))
             with engine.autocast():
                 a, p = ranked_logps(LogprobModel(model), batch)
             pad = (0, k_max - a.shape[1])  # prompts with fewer responses than the longest list

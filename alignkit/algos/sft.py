@@ -72,10 +72,10 @@ def train(cfg: SFTConfig) -> Path:
         collate = partial(collate_packed, pad_id=pad_id)
     else:
         collate = partial(pad_sft, pad_id=pad_id)
-    eval_batches = [pad_sft(eval_examples[i : i + 8], pad_id) for i in range(0, len(eval_examples), 8)]
 
     total = total_steps_for(cfg.train, len(examples), distributed_state().num_processes)
     engine = Engine(cfg.train, model, tokenizer, total, train_module=LogprobModel(model), run_config={"algo": "sft", **asdict(cfg)})
+    eval_batches = [engine.to_device(pad_sft(eval_examples[i : i + 8], pad_id)) for i in range(0, len(eval_examples), 8)]
     evaluate = (lambda: {"eval/loss": mean_nll(model, eval_batches, engine.autocast)}) if eval_batches else None
     if evaluate is not None and not cfg.train.resume:
         before = evaluate()["eval/loss"]
