@@ -163,6 +163,30 @@ def test_stop_strings_cut_the_text(client):
     assert r.choices[0].text == full[: full.find(stop)] and r.choices[0].finish_reason == "stop"
 
 
+def test_min_tokens_bans_eos_until_then(lm, client):
+    """vLLM's min_tokens. The EOS row of the tied embedding is set to 1.5x the row of the greedy first token,
+    so EOS becomes the greedy choice: a plain request ends at once, min_tokens 5 goes on to exactly 5 tokens."""
+    model, tokenizer = lm
+    ids = tokenizer("Hi there", add_special_tokens=False)["input_ids"]
+    first = int(forward_logprobs(model, ids)[-1].argmax())
+    weight, eos = model.lm_head.weight, tokenizer.eos_token_id
+    saved = weight[eos].clone()
+    try:
+        with torch.no_grad():
+            weight[eos] = 1.5 * weight[first]
+        plain = client.completions.create(model=NAME, prompt=ids, max_tokens=5, temperature=0)
+        assert plain.choices[0].text == "" and plain.choices[0].finish_reason == "stop"
+        assert plain.usage.completion_tokens == 1
+        r = client.completions.create(model=NAME, prompt=ids, max_tokens=5, temperature=0,
+                                      extra_body={"min_tokens": 5})
+        assert r.usage.completion_tokens == 5 and r.choices[0].finish_reason == "length"
+    finally:
+        with torch.no_grad():
+            weight[eos] = saved
+    with pytest.raises(openai.BadRequestError, match="min_tokens"):
+        client.completions.create(model=NAME, prompt="Hi", max_tokens=2, extra_body={"min_tokens": 3})
+
+
 def test_seed_makes_sampling_repeatable(client):
     def draw(seed):
         r = client.completions.create(model=NAME, prompt="Hello", max_tokens=8, temperature=1.0, seed=seed, n=3)
@@ -175,27 +199,36 @@ def test_seed_makes_sampling_repeatable(client):
 # ------------------------------------------------------------------------------------------------- log-probs
 
 
-def test_completion_logprobs_equal_a_direct_forward(lm, client):
+@pytest.mark.parametrize("chunks", [None, (3, 12)], ids=["one-forward", "chunked"])
+def test_completion_logprobs_equal_a_direct_forward(lm, client, monkeypatch, chunks):
+    """echo + logprobs 3 on two prompts of different lengths: every token's log-prob and the top 3 equal an
+    unpadded forward of the model. `chunked` runs the scoring in row groups of <= 12 padded tokens and head
+    chunks of 3 positions."""
+    if chunks:
+        from alignkit.serve import engine
+
+        monkeypatch.setattr(engine, "HEAD_CHUNK", chunks[0])
+        monkeypatch.setattr(engine, "SCORE_TOKENS", chunks[1])
     model, tokenizer = lm
-    ids = tokenizer("The weather today is", add_special_tokens=False)["input_ids"]
-    r = client.completions.create(model=NAME, prompt=ids, max_tokens=6, temperature=0, logprobs=3, echo=True)
-    lp = r.choices[0].logprobs
-    response = hf_greedy(model, tokenizer, ids, 6)
-    seq = ids + response
-    reference = forward_logprobs(model, seq)
-    # echo: every prompt token after the first, then the response; the first prompt token has none
-    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
-    assert len(lp.token_logprobs) == len(seq)
-    want = reference[torch.arange(len(seq) - 1), torch.tensor(seq[1:])]
-    assert torch.allclose(torch.tensor(lp.token_logprobs[1:]), want, atol=1e-4)
-    for t, top in enumerate(lp.top_logprobs[1:]):
-        values, indices = reference[t].topk(3)
-        expected = {tokenizer.decode([i]): v for i, v in zip(indices.tolist(), values.tolist())}
-        assert top.keys() == expected.keys()
-        assert all(abs(top[k] - expected[k]) < 1e-4 for k in top)
-    assert lp.tokens == [tokenizer.decode([i]) for i in seq]
-    assert lp.text_offset == [sum(len(s) for s in lp.tokens[:i]) for i in range(len(seq))]
-    assert r.choices[0].text == tokenizer.decode(seq)
+    prompts = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in ("The weather today is", "Hi")]
+    r = client.completions.create(model=NAME, prompt=prompts, max_tokens=6, temperature=0, logprobs=3, echo=True)
+    for ids, choice in zip(prompts, r.choices):
+        lp = choice.logprobs
+        seq = ids + hf_greedy(model, tokenizer, ids, 6)
+        reference = forward_logprobs(model, seq)
+        # echo: every prompt token after the first, then the response; the first prompt token has none
+        assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+        assert len(lp.token_logprobs) == len(seq)
+        want = reference[torch.arange(len(seq) - 1), torch.tensor(seq[1:])]
+        assert torch.allclose(torch.tensor(lp.token_logprobs[1:]), want, atol=1e-4)
+        for t, top in enumerate(lp.top_logprobs[1:]):
+            values, indices = reference[t].topk(3)
+            expected = {tokenizer.decode([i]): v for i, v in zip(indices.tolist(), values.tolist())}
+            assert top.keys() == expected.keys()
+            assert all(abs(top[k] - expected[k]) < 1e-4 for k in top)
+        assert lp.tokens == [tokenizer.decode([i]) for i in seq]
+        assert lp.text_offset == [sum(len(s) for s in lp.tokens[:i]) for i in range(len(seq))]
+        assert choice.text == tokenizer.decode(seq)
 
 
 def test_chat_logprobs_equal_a_direct_forward(lm, client):

@@ -71,6 +71,7 @@ class _Request(BaseModel):
     n: int | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
+    min_tokens: int | None = None  # vLLM's extension: no EOS before this many tokens
     stream: bool | None = None
     stream_options: dict | None = None
     candidate_tokens: list[str] | None = None  # the judge extension: see alignkit/serve/__init__.py
@@ -213,7 +214,7 @@ def create_app(model, tokenizer, config: ServeConfig | None = None, api_key: str
         rows = [Row(ids, settings.max_tokens, req.logprobs, candidates, bool(req.echo))
                 for ids in prompts for _ in range(settings.n)]
         _check_context(rows, max_context, "prompt")
-        await engine.submit(rows, settings.temperature, settings.top_p, req.seed)
+        await engine.submit(rows, settings.temperature, settings.top_p, req.seed, settings.min_tokens)
         choices = [_completion_choice(i, row, settings.stop, tokenizer, req) for i, row in enumerate(rows)]
         out = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                "model": name, "choices": [c for c, _ in choices], "usage": _usage(prompts, choices),
@@ -240,7 +241,7 @@ def create_app(model, tokenizer, config: ServeConfig | None = None, api_key: str
         k = (req.top_logprobs or 0) if req.logprobs else None
         rows = [Row(prompt_ids, settings.max_tokens, k, candidates) for _ in range(settings.n)]
         _check_context(rows, max_context, "messages")
-        await engine.submit(rows, settings.temperature, settings.top_p, req.seed)
+        await engine.submit(rows, settings.temperature, settings.top_p, req.seed, settings.min_tokens)
         choices = [_chat_choice(i, row, settings.stop, tokenizer, req) for i, row in enumerate(rows)]
         out = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
                "model": name, "choices": [c for c, _ in choices], "usage": _usage([prompt_ids], choices),
@@ -266,6 +267,7 @@ class _Settings:
     top_p: float
     n: int
     stop: list[str]
+    min_tokens: int
 
 
 def _settings(req: _Request, max_tokens: int | None, default_max_tokens: int, config: ServeConfig) -> _Settings:
@@ -285,7 +287,11 @@ def _settings(req: _Request, max_tokens: int | None, default_max_tokens: int, co
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     if len(stop) > 4 or any(not s for s in stop):
         raise APIError(400, "stop must be up to 4 non-empty strings", param="stop")
-    return _Settings(max_tokens, temperature, top_p, n, stop)
+    min_tokens = req.min_tokens or 0
+    if not 0 <= min_tokens <= max_tokens:
+        raise APIError(400, f"min_tokens must be between 0 and max_tokens ({max_tokens}), got {min_tokens}",
+                       param="min_tokens")
+    return _Settings(max_tokens, temperature, top_p, n, stop, min_tokens)
 
 
 def _check_rows(n_rows: int, config: ServeConfig) -> None:

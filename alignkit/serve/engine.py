@@ -27,6 +27,7 @@ from alignkit.models import unwrap
 from alignkit.rollout import SamplingConfig, sample
 
 HEAD_CHUNK = 512  # positions per LM-head matmul in the log-prob forward: (512, 49k) fp32 logits = 100 MB
+SCORE_TOKENS = 8192  # padded tokens per backbone forward of the log-prob pass
 
 
 @dataclass
@@ -53,6 +54,7 @@ class Job:
     top_p: float
     seed: int | None
     future: asyncio.Future
+    min_tokens: int = 0  # EOS banned before this many tokens (vLLM's min_tokens)
     number: int = 0  # arrival order, makes a seeded job its own group
 
     @property
@@ -60,8 +62,8 @@ class Job:
         if self.seed is not None:
             return ("seeded", self.number)
         if self.temperature == 0:
-            return ("greedy",)
-        return ("sample", self.temperature, self.top_p)
+            return ("greedy", self.min_tokens)
+        return ("sample", self.temperature, self.top_p, self.min_tokens)
 
 
 class Engine:
@@ -86,19 +88,25 @@ class Engine:
         self._task = asyncio.get_running_loop().create_task(self._loop())
 
     async def stop(self) -> None:
+        """Stop the worker; requests still queued get an error instead of waiting forever."""
         if self._task is not None:
             self._task.cancel()
             try:
                 await self._task
             except asyncio.CancelledError:
                 pass
+        while self._queue is not None and not self._queue.empty():
+            job = self._queue.get_nowait()
+            if not job.future.done():
+                job.future.set_exception(RuntimeError("the server is shutting down"))
 
     def busy(self) -> bool:
         return self.pending >= self.max_pending
 
-    async def submit(self, rows: list[Row], temperature: float, top_p: float, seed: int | None) -> list[Row]:
+    async def submit(self, rows: list[Row], temperature: float, top_p: float, seed: int | None = None,
+                     min_tokens: int = 0) -> list[Row]:
         future = asyncio.get_running_loop().create_future()
-        job = Job(rows, temperature, top_p, seed, future, next(self._numbers))
+        job = Job(rows, temperature, top_p, seed, future, min_tokens, next(self._numbers))
         self.pending += 1
         try:
             self._queue.put_nowait(job)
@@ -121,25 +129,29 @@ class Engine:
                         break
                     try:
                         job = await asyncio.wait_for(self._queue.get(), timeout)
-                    except TimeoutError:
+                    except asyncio.TimeoutError:  # a distinct class before Python 3.11
                         break
                 jobs.append(job)
                 n_rows += len(job.rows)
-            groups: dict[tuple, list[Job]] = {}
-            for job in jobs:
-                if not job.future.done():  # the client may have gone away
-                    groups.setdefault(job.key, []).append(job)
-            for group in groups.values():
-                try:
-                    await asyncio.to_thread(self._run_group, group)
-                except Exception as error:  # noqa: BLE001 - reported to each waiting request as a 500
-                    for job in group:
-                        if not job.future.done():
-                            job.future.set_exception(error)
-                    continue
+            await self._run(jobs)
+
+    async def _run(self, jobs: list[Job]) -> None:
+        """Decode jobs group by group; every job's future gets its rows or the error that stopped them."""
+        groups: dict[tuple, list[Job]] = {}
+        for job in jobs:
+            if not job.future.done():  # the client may have gone away
+                groups.setdefault(job.key, []).append(job)
+        for group in groups.values():
+            try:
+                await asyncio.to_thread(self._run_group, group)
+            except Exception as error:  # noqa: BLE001 - reported to each waiting request as a 500
                 for job in group:
                     if not job.future.done():
-                        job.future.set_result(job.rows)
+                        job.future.set_exception(error)
+                continue
+            for job in group:
+                if not job.future.done():
+                    job.future.set_result(job.rows)
 
     # -- worker-thread side ---------------------------------------------------------------------------------
 
@@ -151,6 +163,7 @@ class Engine:
             chunk = rows[start : start + self.max_batch]
             config = SamplingConfig(
                 max_new_tokens=max(r.max_tokens for r in chunk),
+                min_new_tokens=first.min_tokens,
                 temperature=first.temperature if first.temperature > 0 else 1.0,
                 top_p=first.top_p,
                 greedy=first.temperature == 0,
@@ -170,45 +183,56 @@ class Engine:
 
     @torch.no_grad()
     def _score(self, rows: list[Row]) -> None:
-        """Fill token_logprobs / top / candidate_logprobs from one forward over prompt + response.
+        """Fill token_logprobs / top / candidate_logprobs from no-grad forwards over prompt + response.
 
         The hidden state at position t predicts token t + 1, so for a prompt of P tokens and T response tokens
         the positions P-1 .. P+T-2 score the response (P-1 alone for candidates); with echo, 0 .. P-2 score the
         prompt too. Rows are right-padded: real tokens never attend to the padding after them, and positions
-        start at 0 as in an unpadded forward.
+        start at 0 as in an unpadded forward. Rows go in length-sorted groups of at most SCORE_TOKENS padded
+        tokens, and the head sees HEAD_CHUNK positions at a time, so memory stays bounded for long prompts.
         """
         lm = unwrap(self.model)
         backbone, head = lm.base_model, lm.get_output_embeddings()
-        seqs = [r.prompt_ids + r.tokens for r in rows]
-        width = max(len(s) for s in seqs)
-        pad = self.tokenizer.pad_token_id or 0
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, s in enumerate(seqs):
-            ids[i, : len(s)] = torch.tensor(s)
-            mask[i, : len(s)] = 1
         device = next(lm.parameters()).device
-        hidden = backbone(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).last_hidden_state
-        for i, row in enumerate(rows):
-            P, T = len(row.prompt_ids), len(row.tokens)
-            first = 0 if row.echo else P - 1
-            last = P + T - 1 if row.top_logprobs is not None else P  # exclusive; P: the first position only
-            logprobs = self._head_logprobs(head, hidden[i, first:last])  # (last - first, V)
-            if row.candidate_ids:
-                row.candidate_logprobs = logprobs[P - 1 - first, row.candidate_ids].tolist()
-            if row.top_logprobs is not None:
-                targets = torch.tensor(seqs[i][first + 1 : last + 1], device=logprobs.device)
-                row.token_logprobs = logprobs.gather(1, targets[:, None]).squeeze(1).tolist()
-                if row.top_logprobs > 0:
-                    values, indices = logprobs.topk(row.top_logprobs, dim=-1)
-                    row.top = [list(zip(ix, v, strict=True))
-                               for ix, v in zip(indices.tolist(), values.tolist(), strict=True)]
-                else:
-                    row.top = [[] for _ in range(last - first)]
+        pad = self.tokenizer.pad_token_id or 0
+        order = sorted(rows, key=lambda r: len(r.prompt_ids) + len(r.tokens))
+        group: list[Row] = []
+        for row in order + [None]:
+            width = len(row.prompt_ids) + len(row.tokens) if row is not None else 0
+            if group and (row is None or (len(group) + 1) * width > SCORE_TOKENS):
+                seqs = [r.prompt_ids + r.tokens for r in group]
+                ids = torch.full((len(group), len(seqs[-1])), pad, dtype=torch.long)
+                mask = torch.zeros_like(ids)
+                for i, seq in enumerate(seqs):
+                    ids[i, : len(seq)] = torch.tensor(seq)
+                    mask[i, : len(seq)] = 1
+                hidden = backbone(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                  use_cache=False).last_hidden_state  # (rows, width, C)
+                for i, r in enumerate(group):
+                    self._score_row(r, seqs[i], hidden[i], head)
+                group = []
+            if row is not None:
+                group.append(row)
 
     @staticmethod
-    def _head_logprobs(head, hidden: Tensor) -> Tensor:
-        """(N, C) hidden states -> (N, V) fp32 log-softmax, the head run in chunks of positions."""
-        parts = [torch.log_softmax(head(hidden[s : s + HEAD_CHUNK]).float(), dim=-1)
-                 for s in range(0, hidden.shape[0], HEAD_CHUNK)]
-        return torch.cat(parts) if parts else hidden.new_zeros(0, head.weight.shape[0], dtype=torch.float32)
+    def _score_row(row: Row, seq: list[int], hidden: Tensor, head) -> None:
+        P, T = len(row.prompt_ids), len(row.tokens)
+        first = 0 if row.echo else P - 1
+        last = P + T - 1 if row.top_logprobs is not None else P  # exclusive; P: the first position only
+        targets = torch.tensor(seq[first + 1 : last + 1], device=hidden.device)
+        row.token_logprobs, row.top = [], []
+        for start in range(first, last, HEAD_CHUNK):
+            end = min(start + HEAD_CHUNK, last)
+            logprobs = torch.log_softmax(head(hidden[start:end]).float(), dim=-1)  # (end - start, V)
+            if row.candidate_ids and start <= P - 1 < end:
+                row.candidate_logprobs = logprobs[P - 1 - start, row.candidate_ids].tolist()
+            if row.top_logprobs is None:
+                continue
+            picked = logprobs.gather(1, targets[start - first : end - first, None]).squeeze(1)
+            row.token_logprobs += picked.tolist()
+            if row.top_logprobs > 0:
+                values, indices = logprobs.topk(row.top_logprobs, dim=-1)
+                row.top += [list(zip(ix, v, strict=True)) for ix, v in zip(indices.tolist(), values.tolist(),
+                                                                             strict=True)]
+            else:
+                row.top += [[] for _ in range(end - start)]
