@@ -34,6 +34,10 @@ ALGORITHMS = {
     "curate": ("alignkit.curate", "CurateConfig", "run", "data curation: dedup (exact, MinHash, semantic), quality rules, scoring, core-set selection"),
     "evaluate": ("alignkit.evaluate", "EvalConfig", "run",
                  "score a policy's samples on held-out prompts: reward, KL to the reference, distinct-2, length"),
+    "label": ("alignkit.feedback", "LabelConfig", "label",
+              "AI feedback: a judge labels pairs of responses (soft labels, both orders) for rm/dpo"),
+    "critique": ("alignkit.feedback", "CritiqueConfig", "critique",
+                 "Constitutional AI: critique -> revision chains; writes SFT data and revision-over-original pairs"),
     "serve": ("alignkit.serve", "ServeConfig", "run", "OpenAI-compatible HTTP server (completions, chat, logprobs, streaming)"),
 }
 
