@@ -78,7 +78,11 @@ def run(config: ServeConfig) -> None:
 
     _check(config)
     api_key = resolve_api_key(config)
-    model, tokenizer = load_model(config.model)
+    try:
+        model, tokenizer = load_model(config.model)
+    except (OSError, ValueError) as error:  # a missing directory, an unknown hub id offline, a broken config
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise DataError(f"--model {config.model}: cannot load it: {first_line}") from None
     app = create_app(model, tokenizer, config, api_key=api_key)
     name = config.served_name or config.model
     auth = "bearer token required" if api_key else "no auth"
