@@ -12,6 +12,8 @@ Endpoints (the shapes of OpenAI's API, so the official ``openai`` client works u
   each token's log-prob and the k most likely alternatives, k <= 20), ``echo``, ``stream``.
 * ``POST /v1/chat/completions``: ``messages`` (rendered by the tokenizer's chat template), ``max_tokens`` or
   ``max_completion_tokens``, the same sampling fields, ``logprobs`` (bool) + ``top_logprobs`` (int), ``stream``.
+* Both also take vLLM's ``min_tokens`` (no EOS before that many tokens). Other unknown fields are ignored, as
+  OpenAI-compatible servers do; known fields of the wrong type are a 400.
 
 Log-probs are the model's own (temperature 1, before top_p), from a forward over prompt + response. Streaming
 sends server-sent events (``data: {chunk}`` ... ``data: [DONE]``), one chunk per token; chunks are sent once the
