@@ -97,13 +97,18 @@ def main() -> None:
              "batched": (f"concurrent, b={args.requests}", args.requests, True)}
     modes = [modes[m] for m in args.modes.split(",")]
     print(f"model {args.model}, {args.requests} chat requests x {args.tokens} tokens, torch threads {torch.get_num_threads()}")
-    print(f"{'mode':<20} {'wall s':>8} {'req/s':>8} {'tokens/s':>9} {'median latency s':>17} {'sampler calls':>14} {'mean rows/call':>15}")
+    print(f"{'mode':<20} {'wall s':>8} {'req/s':>8} {'tokens/s':>9} {'median latency s':>17} {'sampler calls':>14} {'rows per call':>15}")
     for i, (label, max_batch, concurrent) in enumerate(modes):
         wall, lat, batches = run_mode(model, tokenizer, args.model, prompts, args.tokens, max_batch, concurrent,
                                       args.port + i)
         n = len(prompts)
         print(f"{label:<20} {wall:>8.2f} {n / wall:>8.2f} {n * args.tokens / wall:>9.1f} {statistics.median(lat):>17.2f} "
-              f"{len(batches):>14} {sum(batches) / len(batches):>15.1f}", flush=True)
+              f"{len(batches):>14} {_sizes(batches):>15}", flush=True)
+
+
+def _sizes(batches: list[int]) -> str:
+    """Rows per sampler call: '5+59' for a few calls, else the mean."""
+    return "+".join(map(str, batches)) if len(batches) <= 4 else f"mean {sum(batches) / len(batches):.1f}"
 
 
 if __name__ == "__main__":

@@ -499,10 +499,13 @@ def test_cli_serves_a_model_dir_with_an_api_key(tiny_model_dir):
         proc.wait(timeout=30)
 
 
-def test_cli_rejects_a_missing_key_variable(capsys):
+def test_cli_rejects_a_missing_key_variable_or_model(capsys, tmp_path):
     from alignkit.cli import main
 
     os.environ.pop("NO_SUCH_KEY_VAR", None)
     assert main(["serve", "--api-key-env", "NO_SUCH_KEY_VAR"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["alignkit: error: --api-key-env NO_SUCH_KEY_VAR: that environment variable is not set or empty"]
+    assert main(["serve", "--model", str(tmp_path / "no-such-model")]) == 1
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"alignkit: error: --model {tmp_path / 'no-such-model'}: cannot load it")

@@ -12,6 +12,8 @@ Endpoints (the shapes of OpenAI's API, so the official ``openai`` client works u
   each token's log-prob and the k most likely alternatives, k <= 20), ``echo``, ``stream``.
 * ``POST /v1/chat/completions``: ``messages`` (rendered by the tokenizer's chat template), ``max_tokens`` or
   ``max_completion_tokens``, the same sampling fields, ``logprobs`` (bool) + ``top_logprobs`` (int), ``stream``.
+* Both also take vLLM's ``min_tokens`` (no EOS before that many tokens). Other unknown fields are ignored, as
+  OpenAI-compatible servers do; known fields of the wrong type are a 400.
 
 Log-probs are the model's own (temperature 1, before top_p), from a forward over prompt + response. Streaming
 sends server-sent events (``data: {chunk}`` ... ``data: [DONE]``), one chunk per token; chunks are sent once the
@@ -78,7 +80,11 @@ def run(config: ServeConfig) -> None:
 
     _check(config)
     api_key = resolve_api_key(config)
-    model, tokenizer = load_model(config.model)
+    try:
+        model, tokenizer = load_model(config.model)
+    except (OSError, ValueError) as error:  # a missing directory, an unknown hub id offline, a broken config
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise DataError(f"--model {config.model}: cannot load it: {first_line}") from None
     app = create_app(model, tokenizer, config, api_key=api_key)
     name = config.served_name or config.model
     auth = "bearer token required" if api_key else "no auth"

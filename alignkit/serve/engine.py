@@ -133,7 +133,12 @@ class Engine:
                         break
                 jobs.append(job)
                 n_rows += len(job.rows)
-            await self._run(jobs)
+            try:
+                await self._run(jobs)
+            except Exception as error:  # noqa: BLE001 - never let the worker die and leave requests hanging
+                for job in jobs:
+                    if not job.future.done():
+                        job.future.set_exception(error)
 
     async def _run(self, jobs: list[Job]) -> None:
         """Decode jobs group by group; every job's future gets its rows or the error that stopped them."""
