@@ -304,7 +304,7 @@ def test_causal_embedder_unit_vectors(tiny_model_dir):
     (["--steps", "exact,select"], "--steps select: needs --fraction or --count"),
     (["--steps", "select", "--count", "3", "--pick", "quality"], "--pick quality: needs the 'score' step"),
     (["--data", "nope.jsonl"], "nope.jsonl: no such file or directory"),
-    (["--steps", "score", "--score", "nosuchreward"], "--score 'nosuchreward': unknown reward"),
+    (["--steps", "score", "--score", "nosuchreward"], "--score 'nosuchreward': reward 'nosuchreward': unknown reward"),
     (["--steps", "semantic", "--embedder", "causal:/no/such/model"], "--embedder 'causal:/no/such/model': cannot load"),
     (["--length-unit", "chars"], "--length-unit: expected 'words' or 'tokens:MODEL'"),
 ])

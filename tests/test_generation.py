@@ -4,14 +4,9 @@ prompts; the files it writes are the same shape as the builtin sampler's; a bad 
 from __future__ import annotations
 
 import json
-import socket
-import threading
-import time
-from contextlib import contextmanager
 
 import pytest
-import uvicorn
-from conftest import write_jsonl
+from conftest import serving, write_jsonl
 
 from alignkit.algos import bon
 from alignkit.cli import main
@@ -23,28 +18,11 @@ from alignkit.rewards import length_reward
 from alignkit.serve import ServeConfig, create_app
 
 
-@contextmanager
-def serving(app):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-
-
 @pytest.fixture(scope="module")
 def endpoint(tiny_model_dir):
     model, tokenizer = load_model(str(tiny_model_dir))
     with serving(create_app(model, tokenizer, ServeConfig(model="tiny", batch_wait_ms=10))) as url:
-        yield url
+        yield url + "/v1"
 
 
 @pytest.mark.parametrize("shape", ["string", "messages"])

@@ -4,19 +4,18 @@ and alignkit.serve.client against it and against a second, deliberately failing 
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 
 import httpx
 import openai
 import pytest
 import torch
 import uvicorn
+from conftest import free_port, serving
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
@@ -26,28 +25,6 @@ from alignkit.serve.client import Client, RequestError, ServerError
 
 NAME = "tiny"
 CHAT = [{"role": "user", "content": "Name a colour."}]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextmanager
-def serving(app):
-    """Run an ASGI app with uvicorn in a thread on a free loopback port; yield its base URL."""
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 @pytest.fixture(scope="module")
