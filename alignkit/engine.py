@@ -29,12 +29,12 @@ import numpy as np
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState
-from accelerate.utils import DistributedType, set_seed
+from accelerate.utils import DistributedType, send_to_device, set_seed
 from safetensors.torch import load_file, save_file
 from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
-from alignkit.config import arg
+from alignkit.config import above, arg, at_least, between
 from alignkit.models import _atomic_dir, bf16_is_fast, unwrap
 
 
@@ -42,29 +42,41 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the run stopped and the last good checkpoint was kept."""
 
 
+TRACKERS = ("tensorboard", "wandb", "mlflow")
+
+
+def _trackers_check(value: str) -> str | None:
+    names = [n.strip() for n in value.split(",") if n.strip()]
+    if all(n in (*TRACKERS, "none") for n in names):
+        return None
+    return f"expected a comma-separated list of {', '.join(TRACKERS)} or none"
+
+
 @dataclass
 class TrainConfig:
     """Flags every trainer shares."""
 
     output_dir: str = arg("runs/alignkit", "checkpoints go in checkpoint-N/, the final model in final/")
-    max_steps: int = arg(-1, "optimizer steps; -1 derives them from epochs")
-    epochs: float = arg(1.0, "passes over the data when max_steps is -1")
-    batch_size: int = arg(8, "examples per process per micro-batch")
-    grad_accum: int = arg(1, "micro-batches per optimizer step")
-    lr: float = arg(1e-5, "peak learning rate (AdamW)")
-    weight_decay: float = arg(0.0, "AdamW weight decay")
-    warmup_steps: int = arg(0, "linear warmup steps; overrides warmup_ratio when > 0")
-    warmup_ratio: float = arg(0.0, "fraction of the steps spent warming up")
-    schedule: str = arg("cosine", "learning-rate decay after warmup: cosine, linear or constant")
-    max_grad_norm: float = arg(1.0, "gradient clipping norm; 0 disables")
-    mixed_precision: str = arg("auto", "bf16 (autocast, fp32 master weights), no, or auto: bf16 where the hardware has it")
+    max_steps: int = arg(-1, "optimizer steps; -1 derives them from epochs", check=at_least(-1))
+    epochs: float = arg(1.0, "passes over the data when max_steps is -1", check=above(0))
+    batch_size: int = arg(8, "examples per process per micro-batch", check=at_least(1))
+    grad_accum: int = arg(1, "micro-batches per optimizer step", check=at_least(1))
+    lr: float = arg(1e-5, "peak learning rate (AdamW)", check=above(0))
+    weight_decay: float = arg(0.0, "AdamW weight decay", check=at_least(0))
+    warmup_steps: int = arg(0, "linear warmup steps; overrides warmup_ratio when > 0", check=at_least(0))
+    warmup_ratio: float = arg(0.0, "fraction of the steps spent warming up", check=between(0, 1))
+    schedule: str = arg("cosine", "learning-rate decay after warmup: cosine, linear or constant",
+                        choices=("cosine", "linear", "constant"))
+    max_grad_norm: float = arg(1.0, "gradient clipping norm; 0 disables", check=at_least(0))
+    mixed_precision: str = arg("auto", "bf16 (autocast, fp32 master weights), no, or auto: bf16 where the hardware has it",
+                               choices=("auto", "bf16", "no"))
     seed: int = arg(0, "seed for initialisation, shuffling and sampling")
-    save_steps: int = arg(0, "write a checkpoint every N steps; 0: only the final model")
-    save_total_limit: int = arg(2, "checkpoints kept, oldest removed first")
-    log_steps: int = arg(1, "log metrics every N steps")
-    eval_steps: int = arg(0, "evaluate every N steps; 0: before and after training only")
+    save_steps: int = arg(0, "write a checkpoint every N steps; 0: only the final model", check=at_least(0))
+    save_total_limit: int = arg(2, "checkpoints kept, oldest removed first", check=at_least(1))
+    log_steps: int = arg(1, "log metrics every N steps", check=at_least(1))
+    eval_steps: int = arg(0, "evaluate every N steps; 0: before and after training only", check=at_least(0))
     resume: bool = arg(False, "continue from the newest checkpoint in output_dir")
-    report_to: str = arg("tensorboard", "comma-separated trackers: tensorboard, wandb, mlflow, none")
+    report_to: str = arg("tensorboard", "comma-separated trackers: tensorboard, wandb, mlflow, none", check=_trackers_check)
     progress: bool = arg(True, "show a progress bar with ETA")
 
     @property
@@ -170,6 +182,7 @@ class Engine:
             self.accelerator.init_trackers("alignkit", config=_flat_scalars(self.run_config))
         self._bar = None
         self._started = time.time()
+        self.derived_metrics: dict[str, Callable[[dict[str, float]], float]] = {}
 
     # ------------------------------------------------------------------------------------------ properties
     @property
@@ -190,6 +203,11 @@ class Engine:
 
     def autocast(self):
         return self.accelerator.autocast()
+
+    def to_device(self, batch: Any) -> Any:
+        """``batch`` (tensors in dicts, lists, or objects with a ``to(device)`` such as a Rollout) on this
+        process's device: the one place where training and evaluation batches leave the CPU."""
+        return send_to_device(batch, self.device)
 
     @property
     def sharded(self) -> bool:
@@ -213,6 +231,11 @@ class Engine:
         ``loss_fn(module, batch) -> (loss_sum, metrics)`` returns the loss summed over the batch's items;
         ``count_fn(batch)`` counts those items (target tokens, pairs, ...). The gradient is that of the mean over
         all items of the global batch (all micro-batches of all processes).
+
+        A metric is logged as its mean over the micro-batches, or, given as a ``(sum, count)`` pair, as
+        Σ sum / Σ count over the whole step (all micro-batches and processes): the mean over the items of a
+        subset that some micro-batches lack (e.g. KTO's desirable examples), left out when the step has none.
+        ``derived_metrics`` (name -> fn(logs)) are computed from the step's logs afterwards.
         """
         local = torch.tensor(float(sum(count_fn(b) for b in micro_batches)), device=self.device)
         total = self.accelerator.reduce(local, reduction="sum").item() if self.world_size > 1 else local.item()
@@ -221,7 +244,9 @@ class Engine:
         if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
             scale *= len(micro_batches)  # undo DeepSpeed's own division by gradient_accumulation_steps
         sums: dict[str, float] = {}
+        parts: dict[str, tuple[float, float]] = {}  # (sum, count) metrics
         for k, batch in enumerate(micro_batches):
+            batch = self.to_device(batch)  # collate builds CPU tensors; the model may sit on a GPU
             last = k == len(micro_batches) - 1
             sync = nullcontext() if last or self.world_size == 1 else self.accelerator.no_sync(self.module)
             with sync:
@@ -231,7 +256,11 @@ class Engine:
                     self._diverged(float(loss_sum.detach()))
                 self.accelerator.backward(loss_sum * scale)
             for name, value in metrics.items():
-                sums[name] = sums.get(name, 0.0) + float(value)
+                if isinstance(value, tuple):
+                    total_sum, count = parts.get(name, (0.0, 0.0))
+                    parts[name] = (total_sum + float(value[0]), count + float(value[1]))
+                else:
+                    sums[name] = sums.get(name, 0.0) + float(value)
         logs = {name: value / len(micro_batches) for name, value in sums.items()}
         logs["tokens"] = float(sum(batch_tokens(b) for b in micro_batches))  # this process's, for throughput
         if self.cfg.max_grad_norm > 0:
@@ -247,7 +276,20 @@ class Engine:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         logs["lr"] = self.scheduler.get_last_lr()[0]
-        return self._gather_means(logs)
+        logs = {**self._gather_means(logs), **self._gather_ratios(parts)}
+        for name, fn in self.derived_metrics.items():
+            try:
+                logs[name] = fn(logs)
+            except KeyError:  # a metric it needs is absent this step
+                pass
+        return logs
+
+    def _gather_ratios(self, parts: dict[str, tuple[float, float]]) -> dict[str, float]:
+        names = sorted(parts)
+        if self.world_size > 1 and names:  # every process emits the same names, possibly with count 0
+            values = torch.tensor([parts[n] for n in names], device=self.device, dtype=torch.float64)
+            parts = dict(zip(names, self.accelerator.reduce(values, reduction="sum").tolist()))
+        return {name: s / c for name, (s, c) in parts.items() if c > 0}
 
     def _gather_means(self, logs: dict[str, float]) -> dict[str, float]:
         if self.world_size == 1 or not logs:

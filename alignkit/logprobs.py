@@ -151,6 +151,10 @@ class HeadLogprobs(torch.autograd.Function):
                 sums.append(total)
         ctx.save_for_backward(hidden, weight, targets)
         ctx.exps, ctx.sums, ctx.temperature, ctx.has_bias = exps, sums, temperature, bias is not None
+        # the backward's two matmuls run in the forward's autocast dtype (bf16 on hardware that has it), as
+        # autograd's own linear backward would; the softmax, its gradient and the weight gradient's sum stay fp32
+        device = hidden.device.type
+        ctx.mm_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
         ctx.mark_non_differentiable(entropy)
         return out, entropy
 
@@ -167,10 +171,17 @@ class HeadLogprobs(torch.autograd.Function):
             g = grad_out[chunk].float() / ctx.temperature
             grad_logits = ctx.exps[k].mul_((-g / ctx.sums[k])[:, None])  # −g·p, in place of the kept exps
             grad_logits.scatter_add_(1, targets[chunk, None], g[:, None])  # + g at the target
-            if grad_hidden is not None:
-                grad_hidden[chunk] = (grad_logits @ weight.float()).to(hidden.dtype)
-            if grad_weight is not None:
-                grad_weight.addmm_(grad_logits.T, hidden[chunk].float())
+            if ctx.mm_dtype is not None:  # (n, V) x (V, H) and (V, n) x (n, H) in bf16, accumulated in fp32
+                low = grad_logits.to(ctx.mm_dtype)
+                if grad_hidden is not None:
+                    grad_hidden[chunk] = (low @ weight.to(ctx.mm_dtype)).to(hidden.dtype)
+                if grad_weight is not None:
+                    grad_weight += (low.T @ hidden[chunk].to(ctx.mm_dtype)).float()
+            else:
+                if grad_hidden is not None:
+                    grad_hidden[chunk] = (grad_logits @ weight.float()).to(hidden.dtype)
+                if grad_weight is not None:
+                    grad_weight.addmm_(grad_logits.T, hidden[chunk].float())
             if grad_bias is not None:
                 grad_bias += grad_logits.sum(0)
         ctx.exps = ctx.sums = None

@@ -24,7 +24,7 @@ Paper index (function -> paper -> defaults as the paper gives them):
   rrhf_loss                   Yuan 2023 eqs. 1-4                                  k = 6 responses per query
   gae_advantages              Schulman 2015 (GAE) eq. 16                          InstructGPT PPO: gamma 1, lam 0.95
   kl_penalty_rewards          Ziegler 2019 eq. 2 / Stiennon 2020 eq. 2
-  adaptive_kl_coef            Ziegler 2019 sec. 2.2                               K_beta 0.1, clip 0.2
+  adaptive_kl_coef            Ziegler 2019 sec. 2.2                               K_beta = n/horizon (10000), clip 0.2
   ppo_policy_loss             Schulman 2017 eq. 7                                 clip 0.2
   ppo_value_loss              OpenAI baselines ppo2 / lm-human-preferences        clip 0.2
   kl_k1 / kl_k2 / kl_k3       Schulman 2020, "Approximating KL divergence" (blog)
@@ -621,10 +621,11 @@ def kl_penalty_rewards(
 def adaptive_kl_coef(coef: float, current_kl: float, target: float, k_beta: float = 0.1) -> float:
     """Adaptive KL controller: β ← β·(1 + K_β·clip((KL − KL_target)/KL_target, −0.2, 0.2)).
 
-    Ziegler et al. 2019, https://arxiv.org/abs/1909.08593, sec. 2.2 (K_β = 0.1). OpenAI's code (and
-    TRL's AdaptiveKLController) writes K_β = n_steps / horizon, with n_steps the episodes in this update
-    and horizon 10 000: pass k_beta=n_steps / horizon for that form. `current_kl` is the mean
-    per-sequence KL of the batch.
+    Ziegler et al. 2019, https://arxiv.org/abs/1909.08593, sec. 2.2 (K_β = 0.1 in the text). Their code
+    (lm-human-preferences) and TRL's AdaptiveKLController use K_β = n_steps / horizon, with n_steps the
+    episodes in this update and horizon 10 000, so that β moves at the same rate per episode whatever the
+    batch size; alignkit's PPO passes k_beta=n_steps / horizon. `current_kl` is the mean per-sequence KL
+    of the batch.
     """
     error = min(max((current_kl - target) / target, -0.2), 0.2)
     return coef * (1 + k_beta * error)
