@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from alignkit.models import unwrap
 
@@ -45,6 +46,11 @@ def token_logprobs(
     see ``backbone_hidden``.
     """
     backbone, head = _backbone_and_head(model)
+    if isinstance(head.weight, DTensor):
+        # FSDP gathers the weights only inside the sharded training module's forward; this pass is outside it
+        raise ValueError("the policy is sharded (FSDP) and a reference or evaluation pass reads it outside the "
+                         "training forward: under FSDP use sft (without --eval-data) or rm; for the other commands "
+                         "use DDP or DeepSpeed ZeRO (examples/accelerate/ddp.yaml, zero2.yaml, zero3.yaml)")
     hidden = backbone_hidden(backbone, input_ids, attention_mask, position_ids, shared_prefix)
     return logprobs_from_hidden(hidden, head, input_ids, target_mask, temperature, with_entropy)
 

@@ -3,14 +3,15 @@
 #
 # Trains sft, rm, dpo, grpo and ppo for a few steps each on SmolLM2-135M-Instruct (or MODEL) and prints one table:
 # step time, training tokens/s, peak GPU memory and the final loss, all read from each run's metrics.jsonl.
-# With 1 GPU every command runs once in a single process. With N > 1 GPUs each runs under DDP (all GPUs), the
-# offline ones (sft, rm, dpo) also under FSDP2, and all of them under DeepSpeed ZeRO-2 when `import deepspeed`
+# With 1 GPU every command runs once in a single process. With N > 1 GPUs each runs under DDP (all GPUs), sft and
+# rm also under FSDP2, and all of them under DeepSpeed ZeRO-2 when `import deepspeed`
 # works; the accelerate files are examples/accelerate/*.yaml. About 1-2 minutes per layout on one recent GPU.
 # Without a GPU it says so and exits 0 at once.
 #
 # Environment: PYTHON (default: .venv/bin/python if present, else python3), STEPS (default 6), OUT (default
 # runs/gpu_check). Step time and tokens/s leave out the first step (CUDA start-up); the online trainers' step time
-# includes sampling, their tokens are those of the training forwards.
+# includes sampling, their tokens are those of the training forwards. GPU_CHECK_ON_CPU=N runs the same on N CPU
+# processes (gloo) to check the script itself, e.g. GPU_CHECK_ON_CPU=1 STEPS=3 with a tiny random MODEL directory.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [[ -z "${PYTHON:-}" ]]; then
@@ -72,7 +73,8 @@ fi
 FAILED=0
 for layout in "${LAYOUTS[@]}"; do
   for cmd in sft rm dpo grpo ppo; do
-    if [[ "$layout" == fsdp2 && ( "$cmd" == grpo || "$cmd" == ppo ) ]]; then continue; fi  # sampling needs whole weights
+    # under FSDP only sft and rm (dpo's reference pass and the samplers read the policy outside the sharded module)
+    if [[ "$layout" == fsdp2 && "$cmd" != sft && "$cmd" != rm ]]; then continue; fi
     run="$OUT/$layout-$cmd"
     rm -rf "$run"
     if [[ "$layout" == single ]]; then launch=("$PYTHON" -m alignkit.cli)
