@@ -85,3 +85,38 @@ def test_lora_reference_precomputed_equals_adapter_disabled_live(tiny_model_dir,
 def test_unknown_loss_is_rejected(tiny_model_dir, tmp_path):
     with pytest.raises(ValueError, match="--loss must be one of"):
         dpo.train(_config(tiny_model_dir, tmp_path, loss="nope"))
+
+
+def test_soft_labels_are_per_pair_cdpo_smoothing(tiny_model_dir, tmp_path):
+    """An AI labeller's soft label p (``alignkit label``) is the pair's cDPO ε = 1 − p:
+    loss = −p·log σ(βh) − (1 − p)·log σ(−βh); hard pairs keep --label-smoothing. By hand for β = 0.1, h = 2 and
+    h = −1: σ(0.2) = 0.549834, σ(−0.1) = 0.475021."""
+    import math
+
+    from alignkit.data import build_examples, load_records
+    from alignkit.models import load_tokenizer
+
+    cfg = dpo.DPOConfig(loss="sigmoid", beta=0.1, label_smoothing=0.1)
+    objective = dpo.make_objective(cfg)
+    ones = torch.ones(2)
+    pairs = dpo.PairLogps(torch.tensor([2.0, -1.0]), torch.zeros(2), ones, ones, torch.zeros(2), torch.zeros(2),
+                          torch.tensor([1.0, 0.7]))
+    got, _ = objective(pairs)
+    s0, s1 = 0.549834, 0.475021
+    want = [-(0.9 * math.log(s0) + 0.1 * math.log(1 - s0)), -(0.7 * math.log(s1) + 0.3 * math.log(1 - s1))]
+    assert got.tolist() == pytest.approx(want, abs=1e-5)
+
+    # the label reaches the loss through the data layer and the collate
+    tok = load_tokenizer(str(tiny_model_dir))
+    records = load_records([{"prompt": "Hi", "chosen": " yes.", "rejected": " no.", "label": 0.8},
+                            {"prompt": "Hi", "chosen": " ok.", "rejected": " no."}])
+    examples, _ = build_examples(records, dpo.preference_example, tok)
+    batch = dpo.collate_pairs([(e, 0.0, 0.0) for e in examples], tok.pad_token_id)
+    assert batch["label"].tolist() == pytest.approx([0.8, 1.0])
+
+    # a loss without a soft-label form refuses such data, naming the record
+    data = write_jsonl(tmp_path / "soft.jsonl", [{"prompt": "Hi", "chosen": " yes.", "rejected": " no.", "label": 0.8}] * 4)
+    with pytest.raises(dpo.DataError, match=r"soft\.jsonl:1: soft label 0\.8 .*--loss ipo"):
+        dpo.train(dpo.DPOConfig(model=ModelConfig(model=str(tiny_model_dir)), data=DataConfig(data=str(data)),
+                                train=TrainConfig(output_dir=str(tmp_path / "run"), max_steps=1, batch_size=2,
+                                                  report_to="none", progress=False), loss="ipo"))

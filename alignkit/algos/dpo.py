@@ -34,7 +34,7 @@ from alignkit.config import (
     model_location,
     need_data,
 )
-from alignkit.data import PreferenceExample, preference_example, read_examples
+from alignkit.data import DataError, PreferenceExample, preference_example, read_examples
 from alignkit.data.collate import pad_prompt_completions
 from alignkit.engine import Engine, TrainConfig, default_threads, distributed_state, total_steps_for
 from alignkit.logprobs import LogprobModel
@@ -88,14 +88,24 @@ class PairLogps:
     rejected_len: torch.Tensor
     ref_chosen: torch.Tensor | None = None
     ref_rejected: torch.Tensor | None = None
+    label: torch.Tensor | None = None  # (B,) P(chosen preferred) of soft-labelled data (RLAIF); None: all hard
 
 
 def make_objective(cfg: DPOConfig) -> Callable[[PairLogps], tuple[torch.Tensor, dict]]:
     """The loss, chosen once: PairLogps -> (per-pair losses, metrics)."""
     cfg = replace(cfg, beta=cfg.loss_beta())
+
+    def smoothing(p: PairLogps):
+        """cDPO's ε per pair: a soft label p (an AI labeller's P(chosen preferred)) is the pair's own
+        ε = 1 − p, so the loss is −p·log σ(βh) − (1 − p)·log σ(−βh), the soft-label cross-entropy of the
+        implicit reward model (as the reward model's soft-label loss); hard pairs keep --label-smoothing."""
+        if p.label is None:
+            return cfg.label_smoothing
+        return torch.where(p.label < 1.0, 1.0 - p.label, torch.full_like(p.label, cfg.label_smoothing))
+
     if cfg.loss == "simpo":
         return lambda p: losses.simpo_loss(p.chosen, p.rejected, p.chosen_len, p.rejected_len, cfg.beta,
-                                           cfg.simpo_gamma, cfg.label_smoothing)
+                                           cfg.simpo_gamma, smoothing(p))
     if cfg.loss == "orpo":
         return lambda p: losses.orpo_loss(p.chosen / p.chosen_len, p.rejected / p.rejected_len,
                                           -p.chosen / p.chosen_len, cfg.orpo_lambda)
@@ -105,6 +115,8 @@ def make_objective(cfg: DPOConfig) -> Callable[[PairLogps], tuple[torch.Tensor, 
     if cfg.loss == "ipo":  # IPO's target 1/(2β) is defined on length-averaged log-probs
         return lambda p: fn(p.chosen / p.chosen_len, p.rejected / p.rejected_len, p.ref_chosen / p.chosen_len,
                             p.ref_rejected / p.rejected_len, cfg.beta, cfg.label_smoothing)
+    if cfg.loss == "sigmoid":
+        return lambda p: fn(p.chosen, p.rejected, p.ref_chosen, p.ref_rejected, cfg.beta, smoothing(p))
     return lambda p: fn(p.chosen, p.rejected, p.ref_chosen, p.ref_rejected, cfg.beta, cfg.label_smoothing)
 
 
@@ -113,8 +125,11 @@ def collate_pairs(items: list[tuple[PreferenceExample, float, float]], pad_id: i
     rows = [(e.prompt_ids, e.chosen_ids) for e, _, _ in items] + [(e.prompt_ids, e.rejected_ids) for e, _, _ in items]
     input_ids, attention_mask, target_mask = pad_prompt_completions(rows, pad_id)
     ref = torch.tensor([[c, r] for _, c, r in items], dtype=torch.float32)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "target_mask": target_mask,
-            "ref_chosen": ref[:, 0], "ref_rejected": ref[:, 1]}
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "target_mask": target_mask,
+             "ref_chosen": ref[:, 0], "ref_rejected": ref[:, 1]}
+    if any(e.label != 1.0 for e, _, _ in items):
+        batch["label"] = torch.tensor([e.label for e, _, _ in items], dtype=torch.float32)
+    return batch
 
 
 def pair_logps(module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,7 +140,8 @@ def pair_logps(module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, to
 
 def _split(logps: torch.Tensor, lengths: torch.Tensor, batch: dict) -> PairLogps:
     b = logps.shape[0] // 2
-    return PairLogps(logps[:b], logps[b:], lengths[:b], lengths[b:], batch["ref_chosen"], batch["ref_rejected"])
+    return PairLogps(logps[:b], logps[b:], lengths[:b], lengths[b:], batch["ref_chosen"], batch["ref_rejected"],
+                     batch.get("label"))
 
 
 @torch.no_grad()
@@ -160,6 +176,10 @@ def train(cfg: DPOConfig) -> Path:
                    skip_invalid=cfg.data.skip_invalid)
     examples = make(cfg.data.data)
     eval_examples = make(cfg.data.eval_data) if cfg.data.eval_data else []
+    soft = next((e for e in [*examples, *eval_examples] if e.label != 1.0), None)
+    if soft is not None and cfg.loss not in ("sigmoid", "simpo"):
+        raise DataError(f"{soft.where}: soft label {soft.label} (AI-labelled data) needs --loss sigmoid (cDPO: "
+                        f"ε = 1 − label per pair) or simpo; --loss {cfg.loss} has no soft-label form")
 
     # the reference: a separate model, the base under the LoRA adapter, or the policy before its first update
     ref_model = load_model(cfg.reference)[0] if cfg.reference else None
