@@ -56,7 +56,7 @@ def test_kill_resume_skip_and_override(tiny_model_dir, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "alignkit.cli", "run", "bundled:quickstart", *overrides,
                              "--run-dir", str(b)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
+    deadline = time.time() + 600  # generous: a loaded shared machine
     while not (b / "dpo" / "checkpoint-6").exists():
         assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
         assert time.time() < deadline
@@ -73,7 +73,8 @@ def test_kill_resume_skip_and_override(tiny_model_dir, tmp_path):
         assert torch.equal(final_a[key], final_b[key]), key
     steps = [json.loads(line)["step"] for line in (b / "dpo" / "metrics.jsonl").read_text().splitlines()]
     assert [s for s in steps if s > 0] == list(range(1, 25))  # no step lost or logged twice
-    assert (a / "eval_dpo" / "eval.json").read_text() == (b / "eval_dpo" / "eval.json").read_text()
+    eval_a, eval_b = (json.loads((run / "eval_dpo" / "eval.json").read_text()) for run in (a, b))
+    assert eval_a.pop("model") == str(a / "dpo") and eval_b.pop("model") == str(b / "dpo") and eval_a == eval_b
 
     # an override re-runs its stage and what reads it; the rest is skipped
     statuses = _statuses(run_recipe("bundled:quickstart", [*overrides, "dpo.beta=0.3"], str(a), echo=False))
@@ -87,7 +88,7 @@ def test_quickstart_summary_on_tiny_model(tiny_model_dir, tmp_path, capsys):
     after = [json.loads(x) for x in (tmp_path / "qs" / "eval_dpo" / "eval.samples.jsonl").read_text().splitlines()]
     assert len(before) == len(after) == 6 * 4
     assert summary["reward_after"] - summary["reward_before"] == pytest.approx(summary["rise"], abs=1e-6)
-    assert summary["kl"] is not None and summary["kl"] > 0
+    assert isinstance(summary["kl"], float)  # a Monte Carlo estimate: may dip below 0 on a near-untrained tiny model
     assert "held-out VADER reward" in capsys.readouterr().out
 
 

@@ -11,6 +11,7 @@
         lora: true
         train: {lr: 2.0e-4}               # options flat or under model:/data:/train:/rollout: sections
 
+Top-level keys starting with ``x-`` are ignored: a place for YAML anchors that stages share (``<<: *dpo``).
 Overrides ``stage.key=value`` (``key=value`` for a default, ``run_dir=DIR``) are parsed as YAML values. Every
 mistake (unknown stage, option, reference, bad value) is one ValueError naming the recipe file and the stage/key.
 """
@@ -147,7 +148,7 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...] = (), run_dir:
         if body is not None and not isinstance(body, dict):
             raise ValueError(f"{source}: stages.{name}: expected a mapping of option: value, got {body!r}")
         stages_raw[str(name)] = dict(body or {})
-    defaults = {str(k).replace("-", "_"): v for k, v in raw.items() if k not in RESERVED}
+    defaults = {str(k).replace("-", "_"): v for k, v in raw.items() if k not in RESERVED and not str(k).startswith("x-")}
     run = raw.get("run_dir", "runs/" + Path(path).stem)
 
     for text in overrides:

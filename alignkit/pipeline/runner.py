@@ -1,5 +1,6 @@
 """Run a resolved recipe stage by stage: skip what is unchanged, resume what was killed, redo what changed.
 
+RUN/stages.json lists what the last invocation did with each stage (ran, resumed, skipped) and how long it took.
 Per stage, in RUN/<stage>/:
 - ``.started`` holds the stage hash when it starts, ``.done`` when it finished (written last, atomically);
 - ``.done`` == current hash: skipped;
@@ -27,7 +28,7 @@ import sys
 import time
 import traceback
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import yaml
@@ -184,4 +185,5 @@ def run(recipe: Recipe, echo: bool = True) -> list[StageResult]:
         print(f"{head}: {'resumed and finished' if status == 'resumed' else 'done'} in {time.time() - t0:.0f} s",
               file=sys.stderr, flush=True)
     print(f"run finished in {time.time() - started:.0f} s: {recipe.run_dir}", file=sys.stderr, flush=True)
+    _write_atomic(recipe.run_dir / "stages.json", json.dumps([asdict(r) for r in results], indent=2))
     return results
