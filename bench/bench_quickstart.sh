@@ -8,7 +8,7 @@ RUN=${1:-runs/bench-quickstart}
 AK=${AK:-.venv/bin/alignkit}
 PY=${PY:-.venv/bin/python}
 rm -rf "$RUN"
-echo "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) cores," \
+echo "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc --all) cores," \
      "avx512_bf16: $(grep -qw avx512_bf16 /proc/cpuinfo && echo yes || echo no), amx_bf16: $(grep -qw amx_bf16 /proc/cpuinfo && echo yes || echo no)"
 echo "load before: $(cut -d' ' -f1-3 /proc/loadavg)"
 start=$(date +%s.%N)
