@@ -164,3 +164,20 @@ def test_values_coerced_and_sections_accepted(tmp_path):
     path.write_text("model: m\nstages:\n  dpo:\n    data: p.jsonl\n    train: {lr: 2e-4, epochs: 1}\n")
     stage = load_recipe(path, ["dpo.train.batch_size=4"], run_dir=str(tmp_path / "r")).stages[0]
     assert stage.resolved == {"data": "p.jsonl", "lr": 2e-4, "epochs": 1.0, "batch_size": 4, "model": "m"}
+
+
+def test_hash_follows_input_content_and_upstream_only(tmp_path):
+    """Editing a data file changes the hash of the stage that reads it and of its dependents, not of the others;
+    the same values written differently (2e-4 vs 0.0002, an override) hash alike."""
+    from alignkit.pipeline.runner import hashes_of
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "a"}\n')
+    path = tmp_path / "recipe.yaml"
+    path.write_text(f"model: m\nstages:\n  sample:\n    command: bon\n    data: {prompts}\n  dpo:\n"
+                    "    data: ${stages.sample.pairs}\n    lr: 2e-4\n  other:\n    command: evaluate\n    data: x.jsonl\n")
+    before = hashes_of(load_recipe(path, run_dir=str(tmp_path / "r")))
+    assert before == hashes_of(load_recipe(path, ["dpo.lr=0.0002"], run_dir=str(tmp_path / "elsewhere")))
+    prompts.write_text('{"prompt": "b"}\n')
+    after = hashes_of(load_recipe(path, run_dir=str(tmp_path / "r")))
+    assert after["sample"] != before["sample"] and after["dpo"] != before["dpo"] and after["other"] == before["other"]
