@@ -2,7 +2,9 @@
 
 Every field of an algorithm's config dataclass (and of its nested model/data/train parts) is a flag
 (``--max-length``) and a YAML key (``max_length``, flat or under a ``model:``/``data:``/``train:`` section).
-Precedence: defaults < ``--config FILE.yaml`` < flags.
+Precedence: defaults < ``--config FILE.yaml`` < flags. Every option is checked (``alignkit.config.validate``) before
+anything is loaded; an error a user can cause is one line on stderr and exit status 1 (``ALIGNKIT_TRACEBACK=1``
+shows the traceback instead).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import os
 import sys
 import typing
 from pathlib import Path
@@ -28,8 +31,14 @@ ALGORITHMS = {
     "raft": ("alignkit.algos.raft", "RAFTConfig", "train",
              "RAFT: sample K per prompt, keep the best by reward (optionally minus beta*KL), SFT on it, repeat"),
     "bon": ("alignkit.algos.bon", "BoNConfig", "run", "best-of-N sampling baseline (no training); KL = log N - (N-1)/N"),
+    "curate": ("alignkit.curate", "CurateConfig", "run", "data curation: dedup (exact, MinHash, semantic), quality rules, scoring, core-set selection"),
     "evaluate": ("alignkit.evaluate", "EvalConfig", "run",
                  "score a policy's samples on held-out prompts: reward, KL to the reference, distinct-2, length"),
+    "label": ("alignkit.feedback", "LabelConfig", "label",
+              "AI feedback: a judge labels pairs of responses (soft labels, both orders) for rm/dpo"),
+    "critique": ("alignkit.feedback", "CritiqueConfig", "critique",
+                 "Constitutional AI: critique -> revision chains; writes SFT data and revision-over-original pairs"),
+    "serve": ("alignkit.serve", "ServeConfig", "run", "OpenAI-compatible HTTP server (completions, chat, logprobs, streaming)"),
 }
 
 # commands with their own argument parsers: name -> (module, add-flags function, entry function, one-line help)
@@ -105,6 +114,8 @@ def build_config(cls, flags: dict[str, Any], yaml_values: dict[str, Any] | None 
     values.update(flags)
     for name, value in values.items():
         kind = leaves[name][0]
+        if kind is str and isinstance(value, list) and all(isinstance(v, str) for v in value):
+            values[name] = value = ",".join(value)  # a YAML list for a comma-list option (e.g. curate's steps)
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             values[name] = float(value)
         elif not isinstance(value, kind):
@@ -153,9 +164,10 @@ def main(argv: list[str] | None = None) -> int:
         sub.set_defaults(_run=getattr(importlib.import_module(module), entry))
     args = parser.parse_args(argv)
 
-    from alignkit.data import DataError
+    from alignkit.config import OptionError, validate
     from alignkit.engine import TrainingDiverged
 
+    flags: dict[str, Any] = {}
     try:
         if getattr(args, "_run", None):
             args._run(args)
@@ -165,11 +177,24 @@ def main(argv: list[str] | None = None) -> int:
         flags = {k: v for k, v in vars(args).items() if not k.startswith("_") and k not in ("command", "config")}
         yaml_values = _load_yaml(args.config) if args.config else None
         cfg = build_config(getattr(mod, cls_name), flags, yaml_values, source=args.config or "flags")
+        validate(cfg)  # every option, before a model is loaded or a file written
         getattr(mod, entry)(cfg)
-    except (DataError, TrainingDiverged, FileNotFoundError, ValueError) as e:
-        print(f"alignkit: error: {e}", file=sys.stderr)
-        return 1
+    except OptionError as e:  # named as the user gave it: a flag, else the YAML key
+        given_in_yaml = getattr(args, "config", None) and e.name not in flags
+        where = f"{args.config}: {e.name}" if given_in_yaml else "--" + e.name.replace("_", "-")
+        return _fail(e.describe(where))
+    except (ValueError, OSError, TrainingDiverged) as e:  # DataError is a ValueError; OSError: files, the hub
+        if os.environ.get("ALIGNKIT_TRACEBACK"):
+            raise
+        return _fail(str(e) or type(e).__name__)
     return 0
+
+
+def _fail(message: str) -> int:
+    """One line on stderr (a multi-line message from a library is joined), exit status 1."""
+    line = "; ".join(part.strip() for part in message.splitlines() if part.strip())
+    print(f"alignkit: error: {line}", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

@@ -29,11 +29,12 @@ import numpy as np
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, send_to_device, set_seed
 from safetensors.torch import load_file, save_file
+from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
-from alignkit.config import arg
+from alignkit.config import above, arg, at_least, between
 from alignkit.models import _atomic_dir, bf16_is_fast, unwrap
 
 
@@ -41,29 +42,41 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the run stopped and the last good checkpoint was kept."""
 
 
+TRACKERS = ("tensorboard", "wandb", "mlflow")
+
+
+def _trackers_check(value: str) -> str | None:
+    names = [n.strip() for n in value.split(",") if n.strip()]
+    if all(n in (*TRACKERS, "none") for n in names):
+        return None
+    return f"expected a comma-separated list of {', '.join(TRACKERS)} or none"
+
+
 @dataclass
 class TrainConfig:
     """Flags every trainer shares."""
 
     output_dir: str = arg("runs/alignkit", "checkpoints go in checkpoint-N/, the final model in final/")
-    max_steps: int = arg(-1, "optimizer steps; -1 derives them from epochs")
-    epochs: float = arg(1.0, "passes over the data when max_steps is -1")
-    batch_size: int = arg(8, "examples per process per micro-batch")
-    grad_accum: int = arg(1, "micro-batches per optimizer step")
-    lr: float = arg(1e-5, "peak learning rate (AdamW)")
-    weight_decay: float = arg(0.0, "AdamW weight decay")
-    warmup_steps: int = arg(0, "linear warmup steps; overrides warmup_ratio when > 0")
-    warmup_ratio: float = arg(0.0, "fraction of the steps spent warming up")
-    schedule: str = arg("cosine", "learning-rate decay after warmup: cosine, linear or constant")
-    max_grad_norm: float = arg(1.0, "gradient clipping norm; 0 disables")
-    mixed_precision: str = arg("auto", "bf16 (autocast, fp32 master weights), no, or auto: bf16 where the hardware has it")
+    max_steps: int = arg(-1, "optimizer steps; -1 derives them from epochs", check=at_least(-1))
+    epochs: float = arg(1.0, "passes over the data when max_steps is -1", check=above(0))
+    batch_size: int = arg(8, "examples per process per micro-batch", check=at_least(1))
+    grad_accum: int = arg(1, "micro-batches per optimizer step", check=at_least(1))
+    lr: float = arg(1e-5, "peak learning rate (AdamW)", check=above(0))
+    weight_decay: float = arg(0.0, "AdamW weight decay", check=at_least(0))
+    warmup_steps: int = arg(0, "linear warmup steps; overrides warmup_ratio when > 0", check=at_least(0))
+    warmup_ratio: float = arg(0.0, "fraction of the steps spent warming up", check=between(0, 1))
+    schedule: str = arg("cosine", "learning-rate decay after warmup: cosine, linear or constant",
+                        choices=("cosine", "linear", "constant"))
+    max_grad_norm: float = arg(1.0, "gradient clipping norm; 0 disables", check=at_least(0))
+    mixed_precision: str = arg("auto", "bf16 (autocast, fp32 master weights), no, or auto: bf16 where the hardware has it",
+                               choices=("auto", "bf16", "no"))
     seed: int = arg(0, "seed for initialisation, shuffling and sampling")
-    save_steps: int = arg(0, "write a checkpoint every N steps; 0: only the final model")
-    save_total_limit: int = arg(2, "checkpoints kept, oldest removed first")
-    log_steps: int = arg(1, "log metrics every N steps")
-    eval_steps: int = arg(0, "evaluate every N steps; 0: before and after training only")
+    save_steps: int = arg(0, "write a checkpoint every N steps; 0: only the final model", check=at_least(0))
+    save_total_limit: int = arg(2, "checkpoints kept, oldest removed first", check=at_least(1))
+    log_steps: int = arg(1, "log metrics every N steps", check=at_least(1))
+    eval_steps: int = arg(0, "evaluate every N steps; 0: before and after training only", check=at_least(0))
     resume: bool = arg(False, "continue from the newest checkpoint in output_dir")
-    report_to: str = arg("tensorboard", "comma-separated trackers: tensorboard, wandb, mlflow, none")
+    report_to: str = arg("tensorboard", "comma-separated trackers: tensorboard, wandb, mlflow, none", check=_trackers_check)
     progress: bool = arg(True, "show a progress bar with ETA")
 
     @property
@@ -141,11 +154,27 @@ class Engine:
         if self.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
         train_module = train_module if train_module is not None else model
+        # FSDP's transformer-block wrapping (accelerate's and ours) looks for the block classes on the module it wraps
+        if getattr(train_module, "_no_split_modules", None) is None:
+            train_module._no_split_modules = getattr(unwrap(model), "_no_split_modules", None)
+        self.fsdp_on_cpu = _fsdp_on_cpu(self.accelerator)
+        if self.fsdp_on_cpu:
+            shard_fsdp2(train_module)  # before the optimizer: it must hold the sharded parameters
         params = [p for p in train_module.parameters() if p.requires_grad]
         # the fused kernel does one pass over each parameter instead of several elementwise ops
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
-        self.module, self.optimizer = self.accelerator.prepare(train_module, optimizer)
-        self.params = params
+        if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
+            # DeepSpeed wants the micro-batch size (accelerate reads it from a DataLoader, which we do not use) and
+            # counts micro-batches itself: it steps after grad_accum of them and divides each loss by grad_accum
+            ds_config = self.accelerator.state.deepspeed_plugin.deepspeed_config
+            ds_config["train_micro_batch_size_per_gpu"] = cfg.batch_size
+            ds_config["gradient_accumulation_steps"] = cfg.grad_accum
+        if self.fsdp_on_cpu:
+            self.module, self.optimizer = train_module, self.accelerator.prepare(optimizer)
+        else:
+            self.module, self.optimizer = self.accelerator.prepare(train_module, optimizer)
+        # FSDP2 replaces parameters by sharded DTensors (accelerate re-points the optimizer at them)
+        self.params = [p for p in self.module.parameters() if p.requires_grad]
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(cfg, total_steps))
         self.step = 0
         self.run_config = {"train": asdict(cfg), **(run_config or {})}
@@ -153,6 +182,7 @@ class Engine:
             self.accelerator.init_trackers("alignkit", config=_flat_scalars(self.run_config))
         self._bar = None
         self._started = time.time()
+        self.derived_metrics: dict[str, Callable[[dict[str, float]], float]] = {}
 
     # ------------------------------------------------------------------------------------------ properties
     @property
@@ -174,6 +204,21 @@ class Engine:
     def autocast(self):
         return self.accelerator.autocast()
 
+    def to_device(self, batch: Any) -> Any:
+        """``batch`` (tensors in dicts, lists, or objects with a ``to(device)`` such as a Rollout) on this
+        process's device: the one place where training and evaluation batches leave the CPU."""
+        return send_to_device(batch, self.device)
+
+    @property
+    def sharded(self) -> bool:
+        """True under FSDP: each process holds a shard of every weight (DTensor parameters)."""
+        return any(isinstance(p, DTensor) for p in self.params)
+
+    def all_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` summed over all processes (an all-reduce: every process must call it); itself in one process.
+        For statistics that are global by definition (e.g. ``losses.masked_whiten(..., all_sum=engine.all_sum)``)."""
+        return self.accelerator.reduce(tensor, reduction="sum") if self.world_size > 1 else tensor
+
     # ------------------------------------------------------------------------------------------- one update
     def update(
         self,
@@ -186,13 +231,22 @@ class Engine:
         ``loss_fn(module, batch) -> (loss_sum, metrics)`` returns the loss summed over the batch's items;
         ``count_fn(batch)`` counts those items (target tokens, pairs, ...). The gradient is that of the mean over
         all items of the global batch (all micro-batches of all processes).
+
+        A metric is logged as its mean over the micro-batches, or, given as a ``(sum, count)`` pair, as
+        Σ sum / Σ count over the whole step (all micro-batches and processes): the mean over the items of a
+        subset that some micro-batches lack (e.g. KTO's desirable examples), left out when the step has none.
+        ``derived_metrics`` (name -> fn(logs)) are computed from the step's logs afterwards.
         """
         local = torch.tensor(float(sum(count_fn(b) for b in micro_batches)), device=self.device)
         total = self.accelerator.reduce(local, reduction="sum").item() if self.world_size > 1 else local.item()
         # DDP averages gradients over processes, hence the world_size factor
         scale = self.world_size / max(total, 1.0)
+        if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
+            scale *= len(micro_batches)  # undo DeepSpeed's own division by gradient_accumulation_steps
         sums: dict[str, float] = {}
+        parts: dict[str, tuple[float, float]] = {}  # (sum, count) metrics
         for k, batch in enumerate(micro_batches):
+            batch = self.to_device(batch)  # collate builds CPU tensors; the model may sit on a GPU
             last = k == len(micro_batches) - 1
             sync = nullcontext() if last or self.world_size == 1 else self.accelerator.no_sync(self.module)
             with sync:
@@ -202,19 +256,40 @@ class Engine:
                     self._diverged(float(loss_sum.detach()))
                 self.accelerator.backward(loss_sum * scale)
             for name, value in metrics.items():
-                sums[name] = sums.get(name, 0.0) + float(value)
+                if isinstance(value, tuple):
+                    total_sum, count = parts.get(name, (0.0, 0.0))
+                    parts[name] = (total_sum + float(value[0]), count + float(value[1]))
+                else:
+                    sums[name] = sums.get(name, 0.0) + float(value)
         logs = {name: value / len(micro_batches) for name, value in sums.items()}
+        logs["tokens"] = float(sum(batch_tokens(b) for b in micro_batches))  # this process's, for throughput
         if self.cfg.max_grad_norm > 0:
             grad_norm = self.accelerator.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
-            if not torch.isfinite(grad_norm):
-                self._diverged(float(grad_norm), what="gradient norm")
-            logs["grad_norm"] = float(grad_norm)
+            if isinstance(grad_norm, DTensor):  # FSDP: the norm over all shards, replicated
+                grad_norm = grad_norm.full_tensor()
+            if grad_norm is not None:  # DeepSpeed clips inside its step and may not report the norm
+                if not torch.isfinite(grad_norm):
+                    self._diverged(float(grad_norm), what="gradient norm")
+                logs["grad_norm"] = float(grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         logs["lr"] = self.scheduler.get_last_lr()[0]
-        return self._gather_means(logs)
+        logs = {**self._gather_means(logs), **self._gather_ratios(parts)}
+        for name, fn in self.derived_metrics.items():
+            try:
+                logs[name] = fn(logs)
+            except KeyError:  # a metric it needs is absent this step
+                pass
+        return logs
+
+    def _gather_ratios(self, parts: dict[str, tuple[float, float]]) -> dict[str, float]:
+        names = sorted(parts)
+        if self.world_size > 1 and names:  # every process emits the same names, possibly with count 0
+            values = torch.tensor([parts[n] for n in names], device=self.device, dtype=torch.float64)
+            parts = dict(zip(names, self.accelerator.reduce(values, reduction="sum").tolist()))
+        return {name: s / c for name, (s, c) in parts.items() if c > 0}
 
     def _gather_means(self, logs: dict[str, float]) -> dict[str, float]:
         if self.world_size == 1 or not logs:
@@ -288,6 +363,8 @@ class Engine:
             self._bar.refresh()
         if not self.is_main or (step % max(1, self.cfg.log_steps) and step != self.total_steps):
             return
+        if self.device.type == "cuda":  # the allocator's running peak: free to read
+            metrics = {**metrics, "gpu_mem_peak_gb": torch.cuda.max_memory_allocated(self.device) / 2**30}
         record = {"step": step, "time": round(time.time() - self._started, 3), **metrics}
         with (self.output_dir / "metrics.jsonl").open("a") as f:
             f.write(json.dumps(record) + "\n")
@@ -303,13 +380,43 @@ class Engine:
         found = [p for p in self.output_dir.glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", p.name)]
         return max(found, key=lambda p: int(p.name.split("-")[1])) if found else None
 
-    def _write_model(self, directory: Path) -> None:
+    def _gather(self) -> dict[str, dict[str, torch.Tensor]] | None:
+        """Whole weights when they are sharded (FSDP, DeepSpeed ZeRO-3), else None. A collective: every process
+        calls it, and the main process gets full tensors on the CPU to write a plain Hugging Face checkpoint."""
+        if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
+            full = self.accelerator.get_state_dict(self.module)  # gathers ZeRO-3 partitions (zero3_save_16bit_model)
+            named = dict(self.accelerator.unwrap_model(self.module).named_modules())
+            parts = {"model": self.model, **self.extra_modules}
+            prefixes = {key: next(name for name, m in named.items() if m is part) for key, part in parts.items()}
+            return {key: {k[len(pre) + 1 if pre else 0 :]: v for k, v in full.items() if not pre or k.startswith(pre + ".")}
+                    for key, pre in prefixes.items()}
+        if not self.sharded:
+            return None
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        parts = {"model": self.model, **self.extra_modules}
+        return {key: _without_aliases(part, get_model_state_dict(part, options=options)) for key, part in parts.items()}
+
+    def _optimizer_state(self) -> dict:
+        """The optimizer state; under FSDP gathered whole (a collective), so a checkpoint does not depend on the
+        number of processes that wrote it."""
+        if not self.sharded:
+            return self.optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_optimizer_state_dict(self.module, self.optimizer.optimizer, options=options)
+
+    def _write_model(self, directory: Path, gathered: dict | None = None) -> None:
         model = self.accelerator.unwrap_model(self.model)
-        model.save_pretrained(directory, safe_serialization=True)
+        weights = None if gathered is None else gathered["model"]
+        model.save_pretrained(directory, safe_serialization=True, state_dict=weights)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(directory)
         for name, module in self.extra_modules.items():
-            save_file({k: v.detach().contiguous() for k, v in module.state_dict().items()}, directory / f"{name}.safetensors")
+            state = module.state_dict() if gathered is None else gathered[name]
+            save_file({k: v.detach().contiguous() for k, v in state.items()}, directory / f"{name}.safetensors")
         (directory / "alignkit_config.json").write_text(json.dumps(self.run_config, indent=2, default=str))
 
     def save_checkpoint(self) -> Path:
@@ -317,14 +424,15 @@ class Engine:
         Written to a temporary directory and renamed, so a killed run never leaves half a checkpoint."""
         target = self.output_dir / f"checkpoint-{self.step}"
         self.accelerator.wait_for_everyone()
+        gathered, optimizer_state = self._gather(), self._optimizer_state()  # collectives under FSDP
         if self.is_main:
 
             def write(tmp: Path) -> None:
-                self._write_model(tmp)
+                self._write_model(tmp, gathered)
                 torch.save(
                     {
                         "step": self.step,
-                        "optimizer": self.optimizer.state_dict(),
+                        "optimizer": optimizer_state,
                         "scheduler": self.scheduler.state_dict(),
                         "rng": _rng_state(),
                     },
@@ -347,10 +455,11 @@ class Engine:
     def save_final(self) -> Path:
         target = self.output_dir / "final"
         self.accelerator.wait_for_everyone()
+        gathered = self._gather()
         if self.is_main:
             if target.exists():
                 shutil.rmtree(target)
-            _atomic_dir(target, self._write_model)
+            _atomic_dir(target, lambda tmp: self._write_model(tmp, gathered))
         self.accelerator.wait_for_everyone()
         return target
 
@@ -370,14 +479,29 @@ class Engine:
             weights = {}
             for shard in sorted(checkpoint.glob("model*.safetensors")):
                 weights.update(load_file(shard))
-            missing, unexpected = unwrap(model).load_state_dict(weights, strict=False)
-            tied = {"lm_head.weight"}
-            if unexpected or set(missing) - tied:
-                raise RuntimeError(f"{checkpoint}: weights do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+            if self.sharded:
+                _load_full(self.model, weights)
+            else:
+                missing, unexpected = unwrap(model).load_state_dict(weights, strict=False)
+                tied = {"lm_head.weight"}
+                if unexpected or set(missing) - tied:
+                    raise RuntimeError(f"{checkpoint}: weights do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
         for name, module in self.extra_modules.items():
-            module.load_state_dict(load_file(checkpoint / f"{name}.safetensors"))
+            extra = load_file(checkpoint / f"{name}.safetensors")
+            if self.sharded:
+                _load_full(module, extra)
+            else:
+                module.load_state_dict(extra)
         state = torch.load(checkpoint / "trainer_state.pt", weights_only=False)
-        self.optimizer.load_state_dict(state["optimizer"])
+        # an FSDP checkpoint keys optimizer state by parameter name: it loads under FSDP and in plain processes alike
+        by_name = any(isinstance(k, str) for k in state["optimizer"].get("state", {}))
+        if self.sharded or by_name:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            set_optimizer_state_dict(self.module, self.optimizer.optimizer, state["optimizer"],
+                                     options=StateDictOptions(full_state_dict=True))
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         _set_rng_state(state["rng"])
         self.step = state["step"]
@@ -391,6 +515,20 @@ class Engine:
         return path
 
 
+def batch_tokens(batch: Any, depth: int = 0) -> int:
+    """Tokens a training micro-batch feeds the model: the sum of its padding mask ``attention_mask``, or
+    ``input_ids.numel()`` for packed rows (whose attention mask, if any, is a block mask of another shape), found by
+    name in the dicts and dataclasses (e.g. a Rollout) the trainers use as batches."""
+    get = batch.get if isinstance(batch, dict) else (lambda name: getattr(batch, name, None))
+    mask, ids = get("attention_mask"), get("input_ids")
+    if isinstance(ids, torch.Tensor):
+        return int(mask.sum()) if isinstance(mask, torch.Tensor) and mask.shape == ids.shape else ids.numel()
+    if depth >= 2:
+        return 0
+    children = batch.values() if isinstance(batch, dict) else [getattr(batch, f) for f in getattr(batch, "__dataclass_fields__", ())]
+    return sum(batch_tokens(c, depth + 1) for c in children if isinstance(c, dict) or hasattr(c, "__dataclass_fields__"))
+
+
 def resolve_precision(mixed_precision: str) -> str:
     """accelerate's mixed_precision value ("bf16" or "no") for our flag value (bf16, no, auto)."""
     if mixed_precision not in ("auto", "bf16", "no"):
@@ -398,6 +536,51 @@ def resolve_precision(mixed_precision: str) -> str:
     if mixed_precision == "auto":
         return "bf16" if bf16_is_fast() else "no"
     return mixed_precision
+
+
+# ------------------------------------------------------------------------------- FSDP2 on CPU (gloo processes)
+def _fsdp_on_cpu(accelerator: Accelerator) -> bool:
+    """An FSDP launch (``accelerate launch --config_file fsdp2.yaml`` sets ACCELERATE_USE_FSDP) on CPU processes.
+
+    accelerate builds FSDP only on accelerators: with gloo processes its state stays MULTI_CPU and it would wrap
+    the model in DDP. torch's FSDP2 itself runs on CPU, so there the engine applies it (``shard_fsdp2``) and
+    accelerate prepares only the optimizer: the same config file trains on a CPU box and on GPUs."""
+    requested = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
+    return requested and accelerator.distributed_type == DistributedType.MULTI_CPU
+
+
+def shard_fsdp2(module: torch.nn.Module) -> None:
+    """torch FSDP2 (``fully_shard``) as accelerate's TRANSFORMER_BASED_WRAP does it: every transformer block (the
+    classes in ``module._no_split_modules``) is one unit, gathered just before its forward and backward and freed
+    after; the root unit holds the rest (embeddings, tied head, value head). Parameters become DTensors sharded on
+    dim 0 over the processes, and gradients are reduce-scattered (averaged), as DDP averages them."""
+    from torch.distributed.fsdp import fully_shard
+
+    blocks = set(getattr(module, "_no_split_modules", None) or [])
+    for sub in module.modules():
+        if type(sub).__name__ in blocks:
+            fully_shard(sub)
+    fully_shard(module)
+
+
+def _without_aliases(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop the second name of a shared parameter (a tied lm_head): gathered copies no longer share storage, so
+    save_pretrained could not see the tie and would write the head twice."""
+    first: dict[int, str] = {}
+    aliases = set()
+    for name, param in module.named_parameters(remove_duplicate=False):
+        if id(param) in first:
+            aliases.add(name)
+        first.setdefault(id(param), name)
+    return {k: v for k, v in state.items() if k not in aliases}
+
+
+def _load_full(module: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Load whole (unsharded) tensors into a module whose parameters are FSDP shards: each process keeps its part."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    # strict=False: a tied head is saved once (as the embedding), like load_state_dict above
+    set_model_state_dict(module, weights, options=StateDictOptions(full_state_dict=True, strict=False))
 
 
 def _cpu_only() -> bool:

@@ -8,7 +8,9 @@ import sys
 
 import torch
 
+from alignkit.config import OptionError, at_least, between, model_location
 from alignkit.data.examples import encode_prompt
+from alignkit.data.records import DataError
 from alignkit.models import load_model
 
 
@@ -43,12 +45,29 @@ def generate(model, tokenizer, prompts: list, max_new_tokens: int = 128, tempera
     return outputs
 
 
+def check_flags(args: argparse.Namespace) -> None:
+    """Every flag, before the model is loaded (one-line ``OptionError``s)."""
+    checks = {"model": model_location, "max_new_tokens": at_least(1), "batch_size": at_least(1),
+              "temperature": at_least(0), "top_p": between(0, 1)}
+    for name, check in checks.items():
+        problem = check(getattr(args, name))
+        if problem:
+            raise OptionError(name, getattr(args, name), problem)
+    if args.top_p == 0:
+        raise OptionError("top_p", args.top_p, "expected a value in (0, 1]")
+
+
 def generate_cli(args: argparse.Namespace) -> None:
+    check_flags(args)
     prompts: list = [p if args.raw else [{"role": "user", "content": p}] for p in args.prompt]
     if args.prompts_file:
         from alignkit.data import load_records
 
-        prompts += [r.data["prompt"] for r in load_records(args.prompts_file)]
+        for record in load_records(args.prompts_file):
+            prompt = record.data.get("prompt")
+            if not prompt or not isinstance(prompt, (str, list)):
+                raise DataError(f"{record.where}: field 'prompt': expected a non-empty string or list of messages")
+            prompts.append(prompt)
     if not prompts:
         raise SystemExit("alignkit: error: give --prompt TEXT or --prompts-file FILE")
     torch.manual_seed(args.seed)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from alignkit.models import unwrap
 
@@ -45,6 +46,11 @@ def token_logprobs(
     see ``backbone_hidden``.
     """
     backbone, head = _backbone_and_head(model)
+    if isinstance(head.weight, DTensor):
+        # FSDP gathers the weights only inside the sharded training module's forward; this pass is outside it
+        raise ValueError("the policy is sharded (FSDP) and a reference or evaluation pass reads it outside the "
+                         "training forward: under FSDP use sft (without --eval-data) or rm; for the other commands "
+                         "use DDP or DeepSpeed ZeRO (examples/accelerate/ddp.yaml, zero2.yaml, zero3.yaml)")
     hidden = backbone_hidden(backbone, input_ids, attention_mask, position_ids, shared_prefix)
     return logprobs_from_hidden(hidden, head, input_ids, target_mask, temperature, with_entropy)
 
@@ -145,6 +151,10 @@ class HeadLogprobs(torch.autograd.Function):
                 sums.append(total)
         ctx.save_for_backward(hidden, weight, targets)
         ctx.exps, ctx.sums, ctx.temperature, ctx.has_bias = exps, sums, temperature, bias is not None
+        # the backward's two matmuls run in the forward's autocast dtype (bf16 on hardware that has it), as
+        # autograd's own linear backward would; the softmax, its gradient and the weight gradient's sum stay fp32
+        device = hidden.device.type
+        ctx.mm_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
         ctx.mark_non_differentiable(entropy)
         return out, entropy
 
@@ -161,10 +171,17 @@ class HeadLogprobs(torch.autograd.Function):
             g = grad_out[chunk].float() / ctx.temperature
             grad_logits = ctx.exps[k].mul_((-g / ctx.sums[k])[:, None])  # −g·p, in place of the kept exps
             grad_logits.scatter_add_(1, targets[chunk, None], g[:, None])  # + g at the target
-            if grad_hidden is not None:
-                grad_hidden[chunk] = (grad_logits @ weight.float()).to(hidden.dtype)
-            if grad_weight is not None:
-                grad_weight.addmm_(grad_logits.T, hidden[chunk].float())
+            if ctx.mm_dtype is not None:  # (n, V) x (V, H) and (V, n) x (n, H) in bf16, accumulated in fp32
+                low = grad_logits.to(ctx.mm_dtype)
+                if grad_hidden is not None:
+                    grad_hidden[chunk] = (low @ weight.to(ctx.mm_dtype)).to(hidden.dtype)
+                if grad_weight is not None:
+                    grad_weight += (low.T @ hidden[chunk].to(ctx.mm_dtype)).float()
+            else:
+                if grad_hidden is not None:
+                    grad_hidden[chunk] = (grad_logits @ weight.float()).to(hidden.dtype)
+                if grad_weight is not None:
+                    grad_weight.addmm_(grad_logits.T, hidden[chunk].float())
             if grad_bias is not None:
                 grad_bias += grad_logits.sum(0)
         ctx.exps = ctx.sums = None

@@ -24,7 +24,7 @@ Paper index (function -> paper -> defaults as the paper gives them):
   rrhf_loss                   Yuan 2023 eqs. 1-4                                  k = 6 responses per query
   gae_advantages              Schulman 2015 (GAE) eq. 16                          InstructGPT PPO: gamma 1, lam 0.95
   kl_penalty_rewards          Ziegler 2019 eq. 2 / Stiennon 2020 eq. 2
-  adaptive_kl_coef            Ziegler 2019 sec. 2.2                               K_beta 0.1, clip 0.2
+  adaptive_kl_coef            Ziegler 2019 sec. 2.2                               K_beta = n/horizon (10000), clip 0.2
   ppo_policy_loss             Schulman 2017 eq. 7                                 clip 0.2
   ppo_value_loss              OpenAI baselines ppo2 / lm-human-preferences        clip 0.2
   kl_k1 / kl_k2 / kl_k3       Schulman 2020, "Approximating KL divergence" (blog)
@@ -32,9 +32,11 @@ Paper index (function -> paper -> defaults as the paper gives them):
   grpo_policy_loss            Shao 2024 eq. 3 (loss) and eq. 4 (KL estimator)     clip 0.2, beta 0.04
   rloo_advantages             Ahmadian 2024                                       k = 2..4
   reinforce_pp_advantages     Hu 2025 (REINFORCE++)
+  global_moments / masked_whiten  batch mean/var, summed across processes (all_sum) when distributed
 """
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -70,16 +72,43 @@ def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) 
     return var
 
 
+AllSum = Callable[[torch.Tensor], torch.Tensor]
+"""Sums a tensor over all training processes (``Engine.all_sum``); the identity in one process."""
+
+
+def global_moments(
+    values: torch.Tensor, mask: torch.Tensor, all_sum: AllSum | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and unbiased variance of the masked entries of `values` over the whole *global* batch.
+
+    Each process contributes (Σx, Σx², n) of its own entries; one all-reduce sums them, then
+    mean = Σx / n and var = (Σx² − n·mean²) / (n − 1). So 2 processes holding halves of a batch get
+    the statistics of the whole batch, as 1 process would. Accumulated in float64, so the one-pass
+    formula loses nothing against the two-pass one at the magnitudes of rewards and returns.
+    Shapes: values, mask (B, T) -> two scalars in values.dtype.
+    """
+    x = torch.where(mask.bool(), values.double(), torch.zeros((), dtype=torch.float64, device=values.device))
+    sums = torch.stack([x.sum(), (x * x).sum(), mask.double().sum()])
+    if all_sum is not None:
+        sums = all_sum(sums)
+    total, squares, n = sums.unbind()
+    mean = total / n.clamp(min=1)
+    var = ((squares - n * mean * mean) / (n - 1).clamp(min=1)).clamp(min=0)
+    return mean.to(values.dtype), var.to(values.dtype)
+
+
 def masked_whiten(
-    values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8
+    values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8,
+    all_sum: AllSum | None = None,
 ) -> torch.Tensor:
     """Whiten the masked entries of `values` over the whole batch: (x − mean) / sqrt(var + eps).
 
     With `shift_mean=False` the mean is added back (only the scale changes), as PPO implementations do
-    for rewards. Used for PPO advantage whitening and REINFORCE++ return normalisation. Padding -> 0.
-    Shapes: values, mask (B, T) -> (B, T).
+    for rewards. Used for PPO advantage whitening and REINFORCE++ return normalisation. These statistics
+    are global by definition: under several processes pass `all_sum` (see `global_moments`) so the
+    batch is the global batch, not each process's share. Padding -> 0. Shapes: values, mask (B, T) -> (B, T).
     """
-    mean, var = masked_mean(values, mask), masked_var(values, mask)
+    mean, var = global_moments(values, mask, all_sum)
     whitened = (values - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         whitened = whitened + mean
@@ -592,10 +621,11 @@ def kl_penalty_rewards(
 def adaptive_kl_coef(coef: float, current_kl: float, target: float, k_beta: float = 0.1) -> float:
     """Adaptive KL controller: β ← β·(1 + K_β·clip((KL − KL_target)/KL_target, −0.2, 0.2)).
 
-    Ziegler et al. 2019, https://arxiv.org/abs/1909.08593, sec. 2.2 (K_β = 0.1). OpenAI's code (and
-    TRL's AdaptiveKLController) writes K_β = n_steps / horizon, with n_steps the episodes in this update
-    and horizon 10 000: pass k_beta=n_steps / horizon for that form. `current_kl` is the mean
-    per-sequence KL of the batch.
+    Ziegler et al. 2019, https://arxiv.org/abs/1909.08593, sec. 2.2 (K_β = 0.1 in the text). Their code
+    (lm-human-preferences) and TRL's AdaptiveKLController use K_β = n_steps / horizon, with n_steps the
+    episodes in this update and horizon 10 000, so that β moves at the same rate per episode whatever the
+    batch size; alignkit's PPO passes k_beta=n_steps / horizon. `current_kl` is the mean per-sequence KL
+    of the batch.
     """
     error = min(max((current_kl - target) / target, -0.2), 0.2)
     return coef * (1 + k_beta * error)
@@ -731,14 +761,17 @@ def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float =
     return returns
 
 
-def reinforce_pp_advantages(returns: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+def reinforce_pp_advantages(
+    returns: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8, all_sum: AllSum | None = None
+) -> torch.Tensor:
     """REINFORCE++: per-token returns (KL-penalised rewards, see `kl_penalty_rewards` and
     `discounted_returns`) normalised over the whole batch: (G − mean) / std.
 
     Hu 2025, https://arxiv.org/abs/2501.03262. A global baseline instead of a per-prompt one avoids
-    overfitting the baseline to a prompt's few samples. Shapes: (B, T) -> (B, T), 0 on padding.
+    overfitting the baseline to a prompt's few samples; "the whole batch" is the global batch across
+    processes when `all_sum` is given. Shapes: (B, T) -> (B, T), 0 on padding.
     """
-    return masked_whiten(returns, mask, shift_mean=True, eps=eps)
+    return masked_whiten(returns, mask, shift_mean=True, eps=eps, all_sum=all_sum)
 
 
 def grpo_policy_loss(

@@ -6,7 +6,9 @@ hub id or local directory, or an alignkit run directory (its ``final/`` model, e
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -35,7 +37,13 @@ class LoraSettings:
 
 def bf16_is_fast() -> bool:
     """bf16 matmuls beat fp32 only with hardware support: AVX512-BF16/AMX on x86 CPUs, Ampere+ GPUs.
-    Without it (e.g. AVX2-only CPUs) torch emulates bf16 and is several times slower than fp32."""
+    Without it (e.g. AVX2-only CPUs) torch emulates bf16 and is several times slower than fp32.
+
+    ``ALIGNKIT_BF16=1`` (or ``0``) overrides the detection, so a test or a user can take the path a native-bf16
+    machine takes (``--mixed-precision auto`` and the sampler's ``dtype auto`` then pick bf16) on any CPU."""
+    forced = os.environ.get("ALIGNKIT_BF16", "").strip()
+    if forced in ("0", "1"):
+        return forced == "1"
     if torch.cuda.is_available():
         return torch.cuda.is_bf16_supported()
     try:
@@ -126,6 +134,22 @@ def resolve(name_or_path: str) -> str:
     return name_or_path
 
 
+def _names_the_model(load):
+    """An OSError while loading (no such hub repo, offline, missing files) names the model it was loading."""
+
+    @functools.wraps(load)
+    def wrapper(name_or_path: str, *args, **kwargs):
+        try:
+            return load(name_or_path, *args, **kwargs)
+        except OSError as e:
+            if str(e).startswith(f"model {name_or_path!r}"):
+                raise
+            raise OSError(f"model {name_or_path!r}: {e}") from e
+
+    return wrapper
+
+
+@_names_the_model
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     """Tokenizer with a pad token (the EOS token when the model has none) and left/right padding set later."""
     tokenizer = AutoTokenizer.from_pretrained(resolve(name_or_path), trust_remote_code=trust_remote_code)
@@ -134,31 +158,93 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     return tokenizer
 
 
+def is_adapter(path: str | Path) -> bool:
+    """A directory holding a saved LoRA adapter (and no full model)."""
+    return (Path(path) / "adapter_config.json").exists()
+
+
+def _adapter_base(path: str | Path) -> str:
+    base = json.loads((Path(path) / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"{path}/adapter_config.json: field 'base_model_name_or_path' is empty; cannot find the base model")
+    return base
+
+
+@_names_the_model
 def load_model(
     name_or_path: str,
     dtype: str = "fp32",
     lora: LoraSettings | None = None,
     trust_remote_code: bool = False,
+    merge_adapter: bool = True,
 ):
     """Load a causal LM and its tokenizer; optionally wrap it with a fresh LoRA adapter.
 
     ``dtype`` is the storage dtype of the weights. Training keeps fp32 weights and runs bf16 autocast
     (``TrainConfig.mixed_precision``); sampling and frozen reference models can be stored in bf16.
-    A directory holding a saved LoRA adapter loads the base model with the adapter attached (trainable).
+
+    A saved LoRA adapter (e.g. ``alignkit sft --lora``'s output) is a stage's *starting point*: it is merged into
+    its base (``merge_adapter``), so the loaded model is exactly the model that stage produced; ``lora`` then adds
+    a fresh adapter on top, whose "adapter disabled" base - the reference of DPO/KTO/PPO/GRPO/RAFT - is that
+    starting point, not the model before it. The fresh adapter records the previous adapter's directory as its
+    base, so stages chain (sft -> dpo -> ...) and ``load_model`` follows the chain back to the full weights.
+    ``merge_adapter=False`` keeps the adapter attached (frozen) instead, for evaluation against its own base.
     """
     path = resolve(name_or_path)
     weights_dtype = torch_dtype(dtype)
-    if (Path(path) / "adapter_config.json").exists():
-        from peft import AutoPeftModelForCausalLM
+    if is_adapter(path):
+        from peft import PeftModel
 
-        model = AutoPeftModelForCausalLM.from_pretrained(path, dtype=weights_dtype, is_trainable=True)
+        base, _ = load_model(_adapter_base(path), dtype, None, trust_remote_code)  # merged, recursively
+        model = PeftModel.from_pretrained(base, path)
+        if merge_adapter:
+            model = model.merge_and_unload()
+            # a fresh adapter on this model records the adapter directory as its base (see above)
+            model.name_or_path = str(Path(path).resolve())
     else:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=weights_dtype, trust_remote_code=trust_remote_code)
-        if lora is not None:
-            model = add_lora(model, lora)
+    if lora is not None:
+        if not merge_adapter and is_adapter(path):
+            raise ValueError("a fresh LoRA adapter goes on a merged model: load with merge_adapter=True")
+        model = add_lora(model, lora)
     tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
     # Dropout off: RLHF recipes need log-probs of the policy and reference computed the same way.
     model.eval()
+    return model, tokenizer
+
+
+@_names_the_model
+def load_sequence_classifier(name_or_path: str, lora: LoraSettings | None = None, trust_remote_code: bool = False,
+                             trainable: bool = False):
+    """``AutoModelForSequenceClassification(num_labels=1)`` (a reward model) and its tokenizer, from a full
+    classifier, a saved LoRA reward model (merged unless ``trainable``: then its adapter stays and trains), or a
+    causal LM / causal-LM adapter chain (e.g. ``alignkit sft --lora``'s output: merged, with a fresh score head,
+    HF's N(0, 0.02) init). ``lora`` adds a fresh adapter (the score head trained in full)."""
+    from transformers import AutoModelForSequenceClassification
+
+    path = resolve(name_or_path)
+    tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
+    if is_adapter(path):
+        task = json.loads((Path(path) / "adapter_config.json").read_text()).get("task_type")
+        if task == "SEQ_CLS":  # a LoRA reward model: its adapter and its trained score head
+            from peft import PeftModel
+
+            base, _ = load_sequence_classifier(_adapter_base(path), None, trust_remote_code)
+            model = PeftModel.from_pretrained(base, path, is_trainable=trainable)
+            if not trainable:
+                model = model.merge_and_unload()
+        else:  # a causal LM adapter: its merged weights under a fresh score head
+            causal, _ = load_model(path, trust_remote_code=trust_remote_code)
+            config = causal.config
+            config.num_labels = 1
+            model = AutoModelForSequenceClassification.from_config(config, trust_remote_code=trust_remote_code)
+            prefix = model.base_model_prefix
+            getattr(model, prefix).load_state_dict(getattr(causal, prefix).state_dict())
+            model.name_or_path = str(Path(path).resolve())
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32,
+                                                                   trust_remote_code=trust_remote_code)
+    model.eval()  # dropout off: the same pair always gets the same reward
     return model, tokenizer
 
 

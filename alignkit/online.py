@@ -13,12 +13,13 @@ from functools import partial
 from typing import Any
 
 import torch
+from torch.distributed.tensor import DTensor
 
-from alignkit.config import DataConfig, arg
+from alignkit.config import DataConfig, OptionError, above, arg, at_least, between, world_size
 from alignkit.data import PromptExample, prompt_example, read_examples
 from alignkit.logprobs import LogprobModel
 from alignkit.models import adapter_disabled, load_model
-from alignkit.rewards import RewardModelSource, RewardSource
+from alignkit.rewards import RewardModelSource, RewardSource, reward_spec_problem
 from alignkit.rollout import Rollout, SamplingConfig, sample
 
 
@@ -26,13 +27,18 @@ from alignkit.rollout import Rollout, SamplingConfig, sample
 class RolloutConfig:
     """Sampling flags shared by the online algorithms."""
 
-    reward: str = arg("vader", "reward source: vader, length:N, regex:PAT, exact, http://..., RM dir, module:function")
-    prompts_per_step: int = arg(16, "prompts sampled per step")
-    group_size: int = arg(4, "responses per prompt (GRPO/RLOO groups, RAFT/BoN candidates)")
-    max_new_tokens: int = arg(32, "response length cap (EOS included)")
-    temperature: float = arg(1.0, "sampling temperature (logits are divided by it in the loss too)")
-    top_p: float = arg(1.0, "nucleus sampling mass; 1.0 = off")
-    eval_prompts: int = arg(32, "held-out prompts scored before and after training (0: none)")
+    reward: str = arg("vader", "reward source: vader, length:N, regex:PAT, exact, http://..., RM dir, module:function",
+                      check=reward_spec_problem)
+    prompts_per_step: int = arg(16, "prompts sampled per step", check=at_least(1))
+    group_size: int = arg(4, "responses per prompt (GRPO/RLOO groups, RAFT/BoN candidates)", check=at_least(1))
+    max_new_tokens: int = arg(32, "response length cap (EOS included)", check=at_least(1))
+    temperature: float = arg(1.0, "sampling temperature (logits are divided by it in the loss too)", check=above(0))
+    top_p: float = arg(1.0, "nucleus sampling mass; 1.0 = off", check=between(0, 1))
+    eval_prompts: int = arg(32, "held-out prompts scored before and after training (0: none)", check=at_least(0))
+
+    def check(self) -> None:
+        if self.top_p == 0:
+            raise OptionError("top_p", self.top_p, "expected a value in (0, 1]")
 
     def sampling(self, greedy: bool = False) -> SamplingConfig:
         return SamplingConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
@@ -50,6 +56,18 @@ def prompts_of(data: DataConfig, tokenizer, max_prompts: int = 0, command: str =
         raise ValueError(f"{command} needs prompts: --data (or --eval-data)")
     prompts = read_prompts(source, tokenizer, data.max_length, data.skip_invalid)
     return prompts[:max_prompts] if max_prompts else prompts
+
+
+def check_minibatches(prompts_per_step: int, group_size: int, batch_size: int, grad_accum: int) -> None:
+    """Each process's rows of a step (its prompts x group_size) must split into whole minibatches of
+    batch_size x grad_accum rows (one optimizer step each); checked before anything is loaded."""
+    world = world_size()
+    if prompts_per_step % world:
+        raise OptionError("prompts_per_step", prompts_per_step, f"must be a multiple of the {world} processes")
+    local_rows, minibatch = prompts_per_step // world * group_size, batch_size * grad_accum
+    if local_rows % minibatch:
+        raise OptionError("batch_size", batch_size, f"{local_rows} rows per process per step (prompts_per_step x "
+                          f"group_size / processes) do not split into minibatches of batch_size x grad_accum = {minibatch}")
 
 
 def prompt_batch(prompts: list[PromptExample], step: int, n: int, seed: int) -> list[PromptExample]:
@@ -80,21 +98,27 @@ def rollout_and_score(
     generator: torch.Generator | None = None,
 ) -> ScoredRollout:
     """Sample ``group_size`` responses per prompt with the current policy and score each one."""
+    if any(isinstance(p, DTensor) for p in model.parameters()):
+        # each process samples its own prompts for a different number of steps, so the just-in-time gathers of
+        # sharded weights could never pair up across processes
+        raise ValueError("the policy is sharded (FSDP): sampling needs whole weights on every process; "
+                         "run online trainers under DDP or DeepSpeed ZeRO-2 (examples/accelerate/ddp.yaml, zero2.yaml)")
     rows = [p for p in prompts for _ in range(group_size)]
     rollout = sample(model, [p.prompt_ids for p in rows], sampling, tokenizer=tokenizer, generator=generator)
     texts = tokenizer.batch_decode(rollout.response_ids.masked_fill(rollout.response_mask == 0, tokenizer.pad_token_id),
                                    skip_special_tokens=True)
-    rewards = score(reward, rows, texts, rollout, tokenizer)
+    # rewards live beside the log-probs they are combined with (the policy's device), whatever the source returns
+    rewards = score(reward, rows, texts, rollout, tokenizer).to(rollout.response_ids.device)
     return ScoredRollout(rollout, rows, texts, rewards)
 
 
-def score(reward: RewardSource, rows: list[PromptExample], texts: list[str], rollout: Rollout, tokenizer) -> torch.Tensor:
+def score(reward: RewardSource, rows: list[PromptExample], texts: list[str], rollout: Rollout | None, tokenizer) -> torch.Tensor:
     """Rewards (B,) for decoded responses; per-prompt columns (e.g. ``reference``) reach the source as lists,
     and a reward model with the policy's tokenizer reads the token ids directly."""
     columns: dict[str, Any] = {}
     for key in sorted({k for p in rows for k in p.extra}):
         columns[key + "s" if key == "reference" else key] = [p.extra.get(key) for p in rows]
-    if isinstance(reward, RewardModelSource):
+    if isinstance(reward, RewardModelSource) and rollout is not None:  # no rollout: texts from an endpoint
         columns.update(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask, tokenizer=tokenizer)
     return reward([p.prompt for p in rows], texts, **columns).float()
 
@@ -228,15 +252,14 @@ def reference_logprobs(model, lora: bool, path: str = "", temperature: float = 1
 
 
 def with_policy_logprobs(model, reference: Callable[[Rollout], torch.Tensor], temperature: float = 1.0,
-                         batch_size: int = 16, autocast=nullcontext, sampled_are_exact: bool = False):
+                         batch_size: int = 16, autocast=nullcontext):
     """``fn(rollout) -> (policy, reference)`` response log-probs (B, T) each, for KL estimates; ``reference`` is
-    a ``reference_logprobs`` function. With ``sampled_are_exact`` (no top-p/top-k filtering, no banned EOS) the
-    sampler's log-probs already are log softmax(logits / T) of the policy, and its forward is skipped."""
+    a ``reference_logprobs`` function. Both sides go through the same training forward, in the same chunks and
+    precision, never the sampler's log-probs (another kernel, perhaps another precision: in bf16 they differ by
+    ~1e-3 per token), so a policy equal to its reference has a KL of exactly 0."""
     policy = LogprobModel(model)
 
     def logps(rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
-        if sampled_are_exact:
-            return rollout.logprobs.float(), reference(rollout)
         with autocast():
             return batched_logprobs(policy, rollout, temperature, batch_size), reference(rollout)
 

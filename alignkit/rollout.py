@@ -23,7 +23,7 @@ matmuls (AVX512-BF16/AMX; oneDNN reports it); elsewhere it is several times slow
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -60,8 +60,10 @@ class Rollout:
     `logprobs[b, t]` is log π'(y_t | x, y_<t) where π' is the distribution the token was drawn from:
     softmax(logits / temperature), restricted to the top-k / top-p set and renormalised, with EOS removed
     before `min_new_tokens`. With temperature 1 and no filtering it is the model's own log-prob. Greedy
-    reports the same quantity for the argmax token. PPO should still recompute the "old" log-probs with
-    its training forward when precision or kernels differ (see PERFORMANCE.md).
+    reports the same quantity for the argmax token. PPO/GRPO should still recompute the "old" log-probs
+    with their training forward when precision or kernels differ: a bf16 matmul followed by an fp32
+    logsumexp differs from full fp32 by up to ~5e-3 nats per token (~0.5 nats over 100 tokens), enough
+    to move a probability ratio that must start at exactly 1.
     """
 
     prompt_ids: Tensor  # (B, P) left-padded with pad_token_id
@@ -70,6 +72,10 @@ class Rollout:
     response_mask: Tensor  # (B, T) 1 on generated tokens, including the EOS that ended the response
     logprobs: Tensor  # (B, T) fp32, 0 on padding
     ended_with_eos: Tensor  # (B,) bool; False means truncated at max_new_tokens
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Rollout:
+        """The same rollout on ``device`` (accelerate's send_to_device calls this)."""
+        return Rollout(*(getattr(self, f.name).to(device, non_blocking=non_blocking) for f in fields(self)))
 
     @property
     def input_ids(self) -> Tensor:
@@ -215,8 +221,11 @@ def _resolve_dtype(name: str, model: torch.nn.Module, device: torch.device) -> t
     if name == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-        # Without native bf16 (AVX512-BF16/AMX) CPU bf16 matmuls take a slow reference path.
-        return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+        # Without native bf16 (AVX512-BF16/AMX) CPU bf16 matmuls take a slow reference path. The same test as
+        # the trainers' --mixed-precision auto (and its ALIGNKIT_BF16 override).
+        from alignkit.models import bf16_is_fast
+
+        return torch.bfloat16 if bf16_is_fast() else torch.float32
     if name not in _DTYPES:
         raise ValueError(f"dtype must be one of auto, model, {', '.join(_DTYPES)}; got {name!r}")
     return _DTYPES[name]

@@ -268,13 +268,14 @@ def test_preference_explicit_prompt(tok):
 
 def test_preference_implicit_prompt_strings(tok):
     implicit = preference_example(rec({"chosen": "Q: 2+2? A: four", "rejected": "Q: 2+2? A: five"}), tok, None)
-    explicit = preference_example(rec({"prompt": "Q: 2+2? A: ", "chosen": "four", "rejected": "five"}), tok, None)
+    explicit = preference_example(rec({"prompt": "Q: 2+2? A:", "chosen": " four", "rejected": " five"}), tok, None)
     assert implicit == explicit
-    assert implicit.chosen_ids == ids(tok, "four") + [2]
-    # the shared prefix "The answer is fo" backs off to the word boundary: no word is split
+    assert implicit.chosen_ids == ids(tok, " four") + [2]
+    # the shared prefix "The answer is fo" backs off to the word boundary: no word is split, and the space
+    # before the answer goes with the answer (tests/test_inputs.py checks the token ids on HH-RLHF text)
     split = preference_example(rec({"chosen": "The answer is forty", "rejected": "The answer is four"}), tok, None)
-    assert tok.decode(split.prompt_ids) == "The answer is "
-    assert (tok.decode(split.chosen_ids), tok.decode(split.rejected_ids)) == ("forty<|im_end|>", "four<|im_end|>")
+    assert tok.decode(split.prompt_ids) == "The answer is"
+    assert (tok.decode(split.chosen_ids), tok.decode(split.rejected_ids)) == (" forty<|im_end|>", " four<|im_end|>")
 
 
 def test_preference_implicit_prompt_messages(tok):
@@ -386,6 +387,9 @@ INVALID = [  # (builder, record, message after "file:line: ", reason counted whe
      "'chosen' and 'rejected' differ before their first assistant message; add a 'prompt' field holding every "
      "turn before the answers", "no shared prompt"),
     (preference_example, {"prompt": "p", "chosen": _TWO_TURNS, "rejected": _TWO_TURNS},
+     "'chosen' and 'rejected' are whole conversations, but their shared leading turns do not end with a user turn "
+     "holding the 'prompt'; drop the prompt turns from them or fix 'prompt'", "prompt does not match conversation"),
+    (preference_example, {"prompt": "p", "chosen": [assistant("b")], "rejected": [assistant("c")]},
      "prompt and completion must both be strings or both be message lists", "mixed text and messages"),
     (ranked_example, {"prompt": "p", "responses": ["a", "b"], "scores": [1]},
      "field 'scores': expected a list of 2 numbers (one per response)", "scores"),
@@ -510,7 +514,7 @@ def test_no_valid_examples_raises(tmp_path, tok):
     assert str(e.value) == "no valid examples (skipped: {\"empty 'prompt'\": 1, \"missing field 'prompt'\": 1})"
     with pytest.raises(DataError) as e:
         build_examples([], sft_example, tok)
-    assert str(e.value) == "no valid examples"
+    assert str(e.value) == "no valid examples (no records)"
     with pytest.raises(ValueError, match="on_error must be 'raise' or 'skip'"):
         build_examples(bad, sft_example, tok, on_error="ignore")
 

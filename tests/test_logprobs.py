@@ -102,3 +102,34 @@ def test_shared_prompt_forward_equals_the_full_forward(lora):
     assert shared_grads.keys() == full_grads.keys() and full_grads
     for name, grad in full_grads.items():
         torch.testing.assert_close(shared_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_fused_head_under_bf16_autocast_runs_its_matmuls_in_bf16():
+    """Under bf16 autocast (a native-bf16 CPU's default) forward and backward matmuls run in bf16, as autograd's
+    linear does, with the softmax and its gradient in fp32: values and gradients equal the generic path under the
+    same autocast to bf16 precision, and differ from the fp32 result by what bf16 rounding gives (not 0)."""
+    torch.manual_seed(2)
+    head = nn.Linear(64, 500, bias=False)
+    hidden = torch.randn(12, 64, requires_grad=True)
+    targets = torch.randint(0, 500, (12,))
+    grad_out = torch.randn(12)
+
+    def run(fn, autocast: bool):
+        hidden.grad, head.weight.grad = None, None
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = fn()
+        (out * grad_out).sum().backward()
+        return out.detach(), hidden.grad.clone(), head.weight.grad.clone()
+
+    def fused():
+        return HeadLogprobs.apply(hidden, head.weight, None, targets, 1.0, False, True)[0]
+
+    def generic():
+        return _generic_head_logprobs(hidden, head, targets, 1.0, False)[0]
+
+    got, want, exact = run(fused, True), run(generic, True), run(fused, False)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=2e-2, rtol=2e-2)
+    assert got[0].dtype == torch.float32 and got[1].dtype == hidden.dtype and got[2].dtype == head.weight.dtype
+    assert not torch.equal(got[1], exact[1])  # the backward really ran in bf16
+    torch.testing.assert_close(got[1], exact[1], atol=2e-2, rtol=2e-2)

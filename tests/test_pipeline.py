@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from alignkit.cli import main
 from alignkit.pipeline import RECIPES, load_recipe, run_recipe
 from alignkit.pipeline.quickstart import paired_rise, quickstart
+from alignkit.pipeline.recipe import load
 
 
 def tiny_overrides(model_dir) -> list[str]:
@@ -142,7 +143,7 @@ def test_recipe_errors_name_file_and_key(tmp_path, body, overrides, expected):
     path = tmp_path / "recipe.yaml"
     path.write_text(body)
     with pytest.raises(ValueError) as error:
-        load_recipe(path, overrides, run_dir=str(tmp_path / "run"))
+        load(path, overrides, run_dir=str(tmp_path / "run"))
     assert expected in str(error.value) and str(path) in str(error.value)
     assert "\n" not in str(error.value)
     assert not (tmp_path / "run").exists()
@@ -162,7 +163,7 @@ def test_values_coerced_and_sections_accepted(tmp_path):
     under model:/data:/train: sections; overrides reach sectioned keys too."""
     path = tmp_path / "recipe.yaml"
     path.write_text("model: m\nstages:\n  dpo:\n    data: p.jsonl\n    train: {lr: 2e-4, epochs: 1}\n")
-    stage = load_recipe(path, ["dpo.train.batch_size=4"], run_dir=str(tmp_path / "r")).stages[0]
+    stage = load(path, ["dpo.train.batch_size=4"], run_dir=str(tmp_path / "r")).stages[0]
     assert stage.resolved == {"data": "p.jsonl", "lr": 2e-4, "epochs": 1.0, "batch_size": 4, "model": "m"}
 
 
@@ -176,8 +177,18 @@ def test_hash_follows_input_content_and_upstream_only(tmp_path):
     path = tmp_path / "recipe.yaml"
     path.write_text(f"model: m\nstages:\n  sample:\n    command: bon\n    data: {prompts}\n  dpo:\n"
                     "    data: ${stages.sample.pairs}\n    lr: 2e-4\n  other:\n    command: evaluate\n    data: x.jsonl\n")
-    before = hashes_of(load_recipe(path, run_dir=str(tmp_path / "r")))
-    assert before == hashes_of(load_recipe(path, ["dpo.lr=0.0002"], run_dir=str(tmp_path / "elsewhere")))
+    before = hashes_of(load(path, run_dir=str(tmp_path / "r")))
+    assert before == hashes_of(load(path, ["dpo.lr=0.0002"], run_dir=str(tmp_path / "elsewhere")))
     prompts.write_text('{"prompt": "b"}\n')
-    after = hashes_of(load_recipe(path, run_dir=str(tmp_path / "r")))
+    after = hashes_of(load(path, run_dir=str(tmp_path / "r")))
     assert after["sample"] != before["sample"] and after["dpo"] != before["dpo"] and after["other"] == before["other"]
+
+
+def test_option_values_validated_before_anything_runs(tiny_model_dir, tmp_path):
+    """Values are checked (alignkit.config.validate) for every stage before the first one starts (a stage reading an
+    earlier stage's output not written yet is checked again when it starts)."""
+    with pytest.raises(ValueError) as error:
+        load_recipe("bundled:quickstart", [f"model={tiny_model_dir}", "eval_base.max_prompts=-1"],
+                    run_dir=str(tmp_path / "r"))
+    assert str(error.value).startswith(f"{RECIPES / 'quickstart.yaml'}: stages.eval_base.max_prompts -1: ")
+    assert not (tmp_path / "r").exists()

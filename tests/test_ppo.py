@@ -139,7 +139,7 @@ def test_trainer_raises_reward(tiny_model_dir, tmp_path, monkeypatch):
     assert before["eval/kl"] == pytest.approx(0.0, abs=1e-4)  # policy == reference at the start
     assert after["eval/reward/mean"] > before["eval/reward/mean"] + 1.0, (before, after)
     train_rows = [r for r in rows if "reward/mean" in r]
-    assert train_rows[0]["kl"] == pytest.approx(0.0, abs=1e-5)  # first rollout: old policy == reference
+    assert train_rows[0]["kl"] == 0.0  # first rollout: old policy == reference
     for name in ("reward/std", "kl_coef", "entropy", "clipfrac", "approx_kl", "value_loss", "response/length",
                  "response/no_eos", "distinct-2"):
         assert name in train_rows[0]
@@ -154,7 +154,8 @@ def test_value_head_starts_at_zero_and_resumes(tiny_model_dir, tmp_path, monkeyp
 
     model, tokenizer = load_model(str(tiny_model_dir))
     module = ppo.PolicyValueModel(model, ppo.value_head_for(model)).eval()
-    rollout = sample(model, [[1, 2, 3], [4, 5]], SamplingConfig(max_new_tokens=4), tokenizer=tokenizer)
+    # fp32 pinned: the claim is about the kernels, not precision (a native-bf16 CPU samples in bf16 by default)
+    rollout = sample(model, [[1, 2, 3], [4, 5]], SamplingConfig(max_new_tokens=4, dtype="fp32"), tokenizer=tokenizer)
     with torch.no_grad():
         logps, values, _ = ppo.policy_outputs(module, rollout, 1.0)
     assert torch.equal(values, torch.zeros_like(values))
@@ -199,7 +200,7 @@ def test_lora_reference_is_the_base_with_adapter_disabled(tiny_model_dir, tmp_pa
     cfg = _config(tiny_model_dir, tmp_path, monkeypatch, max_steps=2, lora=True, lr=5e-3, temperature=0.05)
     path = ppo.train(cfg)
     rows = [r for r in _metrics(tmp_path) if "kl" in r]
-    assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-5)
+    assert rows[0]["kl"] == 0.0
     assert rows[1]["kl"] > 1e-3
     assert (path / "adapter_model.safetensors").exists() and (path / "value_head.safetensors").exists()
     assert not math.isnan(rows[1]["value_loss"])

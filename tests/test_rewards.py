@@ -33,6 +33,7 @@ from alignkit.rewards import (
     regex_reward,
     vader_sentiment,
 )
+from alignkit.rewards.model import reward_input_ids
 
 # ------------------------------------------------------------------------------------------------
 # Function rewards
@@ -365,6 +366,10 @@ def test_fast_path_equals_text_path_and_reads_the_last_token(tiny_llama_rm, smol
         for m, c in zip(messages, COMPLETIONS, strict=True)
     ]
     assert chat_ids[0][:1] == tok.convert_tokens_to_ids(["<|im_start|>"])
+    # read at the <|im_end|> closing the answer, as a rollout that stops there is: the template's "\n" is dropped
+    assert all(tok.decode(ids[-2:]) == "<|im_end|>\n" for ids in chat_ids)
+    chat_ids = [reward_input_ids(ids, tok) for ids in chat_ids]
+    assert all(ids[-1] == tok.eos_token_id for ids in chat_ids)
     chat_scores = source(messages, COMPLETIONS)
     with torch.no_grad():
         chat_reference = torch.stack([reference_model(torch.tensor([s])).logits[0, 0] for s in chat_ids])

@@ -11,26 +11,31 @@ as for text), strictly smaller on a small discrete space (tests/test_raft.py che
 
 Output (``output_dir``), one line per prompt in each file:
 - ``bon.jsonl``: {prompt, completion (the best), reward (its reward), responses (all N), scores (all N)} — the
-  ranked shape, so ``alignkit rrhf`` trains on it directly;
+  ranked shape, so ``alignkit rrhf`` trains on it directly (and ``alignkit sft`` on the best completions);
 - ``pairs.jsonl``: {prompt, chosen (the best), rejected (the worst), margin (their reward difference)}, prompts
   whose N rewards are all equal left out — preference pairs labelled by the reward, for ``alignkit dpo`` or
   ``alignkit rm`` (the DPO paper's controlled-sentiment setup labels its pairs this way);
 - ``summary.json``. Runs in one process.
+
+Completions take the prompt's shape: plain text after a string prompt, ``[{"role": "assistant", "content": ...}]``
+after a message-list prompt (what the data layer pairs with a conversation).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from alignkit.config import DataConfig, ModelConfig, arg
+from alignkit.config import DataConfig, ModelConfig, OptionError, arg, at_least
 from alignkit.engine import default_threads
-from alignkit.models import load_model
-from alignkit.online import RolloutConfig, prompts_of, rollout_and_score
+from alignkit.generation import BUILTIN, endpoint_samples, generator_problem
+from alignkit.models import load_model, load_tokenizer
+from alignkit.online import RolloutConfig, ScoredRollout, prompts_of, rollout_and_score, score
 from alignkit.rewards import load_reward
 
 
@@ -40,8 +45,16 @@ class BoNConfig:
     data: DataConfig = field(default_factory=lambda: DataConfig(max_length=256))
     rollout: RolloutConfig = field(default_factory=lambda: RolloutConfig(group_size=8))
     output_dir: str = arg("runs/bon", "bon.jsonl (best completion per prompt) and summary.json go here")
-    max_prompts: int = arg(0, "answer only the first N prompts of --data (or --eval-data); 0: all")
+    max_prompts: int = arg(0, "answer only the first N prompts of --data (or --eval-data); 0: all", check=at_least(0))
+
     seed: int = arg(0, "sampling seed")
+    generator: str = arg("builtin", "where samples come from: builtin, or an OpenAI-compatible endpoint "
+                         "http://HOST:PORT/v1 (|MODEL to pick one; alignkit serve, vLLM, llama.cpp)",
+                         check=generator_problem)
+
+    def check(self) -> None:
+        if not (self.data.data or self.data.eval_data):
+            raise OptionError("data", "", "best-of-N needs prompts: --data (or --eval-data)")
 
 
 def bon_kl(n: int) -> float:
@@ -50,6 +63,20 @@ def bon_kl(n: int) -> float:
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     return math.log(n) - (n - 1) / n
+
+
+def as_completion(prompt, text: str):
+    """A sampled text in the shape the data layer pairs with ``prompt``: an assistant turn after a conversation
+    (message-list prompt), the plain text after a string prompt. So bon.jsonl reads as SFT and ranked data and
+    pairs.jsonl as preference data for either prompt shape."""
+    return [{"role": "assistant", "content": text}] if isinstance(prompt, list) else text
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 @dataclass
@@ -64,40 +91,50 @@ class BoNResult:
 @torch.no_grad()
 def run(cfg: BoNConfig) -> BoNResult:
     default_threads()
-    model, tokenizer = load_model(cfg.model.model, trust_remote_code=cfg.model.trust_remote_code)
+    local = cfg.generator == BUILTIN
+    if local:
+        model, tokenizer = load_model(cfg.model.model, trust_remote_code=cfg.model.trust_remote_code)
+    else:  # the endpoint samples; the tokenizer still renders and checks the prompts
+        model, tokenizer = None, load_tokenizer(cfg.model.model, trust_remote_code=cfg.model.trust_remote_code)
     reward = load_reward(cfg.rollout.reward)
     prompts = prompts_of(cfg.data, tokenizer, cfg.max_prompts, "best-of-N")
     n, per_batch = cfg.rollout.group_size, max(1, cfg.rollout.prompts_per_step)
     sampling = cfg.rollout.sampling()
     generator = torch.Generator().manual_seed(cfg.seed)
 
-    out_dir = Path(cfg.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "bon.jsonl"
     best_rewards, all_rewards = [], []
-    n_pairs = 0
-    with path.open("w") as f, (out_dir / "pairs.jsonl").open("w") as pairs:
-        for start in range(0, len(prompts), per_batch):
-            chunk = prompts[start : start + per_batch]
+    ranked_lines, pair_lines = [], []
+    for start in range(0, len(prompts), per_batch):
+        chunk = prompts[start : start + per_batch]
+        if local:
             scored = rollout_and_score(model, tokenizer, chunk, reward, sampling, n, generator)
-            groups = scored.rewards.view(-1, n)  # (G, N)
-            best, worst = groups.argmax(-1), groups.argmin(-1)  # ties: the first sample
-            for g, prompt in enumerate(chunk):
-                texts = scored.texts[g * n : (g + 1) * n]
-                record = {"prompt": prompt.prompt, "completion": texts[int(best[g])], "reward": float(groups[g, best[g]]),
-                          "responses": texts, "scores": groups[g].tolist()}
-                f.write(json.dumps(record) + "\n")
-                margin = float(groups[g, best[g]] - groups[g, worst[g]])
-                if margin > 0:
-                    pairs.write(json.dumps({"prompt": prompt.prompt, "chosen": texts[int(best[g])],
-                                            "rejected": texts[int(worst[g])], "margin": margin}) + "\n")
-                    n_pairs += 1
-            best_rewards.append(groups.max(-1).values)
-            all_rewards.append(scored.rewards)
+        else:
+            texts = endpoint_samples(cfg.generator, [p.prompt for p in chunk], n, sampling, cfg.seed + start)
+            rows = [p for p in chunk for _ in range(n)]
+            scored = ScoredRollout(None, rows, texts, score(reward, rows, texts, None, tokenizer))
+        groups = scored.rewards.view(-1, n)  # (G, N)
+        best, worst = groups.argmax(-1), groups.argmin(-1)  # ties: the first sample
+        for g, prompt in enumerate(chunk):
+            texts = [as_completion(prompt.prompt, t) for t in scored.texts[g * n : (g + 1) * n]]
+            record = {"prompt": prompt.prompt, "completion": texts[int(best[g])], "reward": float(groups[g, best[g]]),
+                      "responses": texts, "scores": groups[g].tolist()}
+            ranked_lines.append(json.dumps(record))
+            margin = float(groups[g, best[g]] - groups[g, worst[g]])
+            if margin > 0:
+                pair_lines.append(json.dumps({"prompt": prompt.prompt, "chosen": texts[int(best[g])],
+                                              "rejected": texts[int(worst[g])], "margin": margin}))
+        best_rewards.append(groups.max(-1).values)
+        all_rewards.append(scored.rewards)
+    out_dir = Path(cfg.output_dir)
+    path = out_dir / "bon.jsonl"
+    n_pairs = len(pair_lines)
     result = BoNResult(path, float(torch.cat(best_rewards).mean()), float(torch.cat(all_rewards).mean()), n, bon_kl(n))
     summary = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(result).items()}
     summary.update(prompts=len(prompts), pairs=n_pairs)
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    # written only once everything is sampled, each file whole or not at all
+    _write_atomic(path, "".join(line + "\n" for line in ranked_lines))
+    _write_atomic(out_dir / "pairs.jsonl", "".join(line + "\n" for line in pair_lines))
+    _write_atomic(out_dir / "summary.json", json.dumps(summary, indent=2))
     print(f"best-of-{n} over {len(prompts)} prompts: mean best reward {result.mean_best_reward:.4f}, "
           f"mean single-sample reward {result.mean_reward:.4f}, KL(BoN || policy) = log {n} - {n - 1}/{n} = {result.kl:.4f}")
     print(f"wrote {path} and {n_pairs} preference pairs (best vs worst) to {out_dir / 'pairs.jsonl'}")

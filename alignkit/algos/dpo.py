@@ -16,14 +16,24 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
 import torch
+from accelerate.utils import send_to_device
 
 from alignkit import losses
-from alignkit.config import DataConfig, ModelConfig, arg
+from alignkit.config import (
+    DataConfig,
+    ModelConfig,
+    OptionError,
+    arg,
+    at_least,
+    between,
+    model_location,
+    need_data,
+)
 from alignkit.data import PreferenceExample, preference_example, read_examples
 from alignkit.data.collate import pad_prompt_completions
 from alignkit.engine import Engine, TrainConfig, default_threads, distributed_state, total_steps_for
@@ -31,6 +41,10 @@ from alignkit.logprobs import LogprobModel
 from alignkit.models import adapter_disabled, load_model
 
 REFERENCE_FREE = ("simpo", "orpo")
+# β when --beta is not given: the papers' (and TRL's) defaults. SimPO's β scales a length-normalised reward, so its
+# scale differs: the SimPO repository's default is β = 2.0 with γ/β = 0.25, i.e. γ = 0.5 (our --simpo-gamma, which
+# is γ itself, as TRL's simpo_gamma). ORPO has no β (its weight is --orpo-lambda).
+DEFAULT_BETA = {"sigmoid": 0.1, "ipo": 0.1, "hinge": 0.1, "robust": 0.1, "simpo": 2.0, "orpo": 0.0}
 
 
 @dataclass
@@ -38,13 +52,30 @@ class DPOConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=lambda: DataConfig(max_length=512))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=5e-7, warmup_ratio=0.1))
-    loss: str = arg("sigmoid", "sigmoid (DPO) | ipo | hinge | robust | simpo | orpo")
-    beta: float = arg(0.1, "β: strength of the KL constraint (SimPO: reward scale, paper 2.0)")
-    label_smoothing: float = arg(0.0, "ε: assumed label-flip rate (cDPO with sigmoid, rDPO with robust)")
-    simpo_gamma: float = arg(0.5, "SimPO target margin γ (paper's γ, in reward units)")
-    orpo_lambda: float = arg(0.1, "ORPO weight λ of the odds-ratio term")
-    reference: str = arg("", "reference model; empty: the initial policy")
+    loss: str = arg("sigmoid", "sigmoid (DPO) | ipo | hinge | robust | simpo | orpo",
+                    choices=(*losses.DPO_LOSSES, *REFERENCE_FREE))
+    beta: float = arg(0.0, "β: strength of the KL constraint (SimPO: reward scale); 0: the loss's default "
+                           "(0.1; SimPO 2.0)", check=at_least(0))
+    label_smoothing: float = arg(0.0, "ε: assumed label-flip rate (cDPO with sigmoid, rDPO with robust)",
+                                 check=between(0, 0.5))
+    simpo_gamma: float = arg(0.5, "SimPO target margin γ in reward units (not γ/β; 0.5 = the paper's 0.25 x β 2.0)")
+    orpo_lambda: float = arg(0.1, "ORPO weight λ of the odds-ratio term", check=at_least(0))
+    reference: str = arg("", "reference model; empty: the initial policy", check=model_location)
     precompute_ref: bool = arg(True, "compute reference log-probs once before training")
+
+    def loss_beta(self) -> float:
+        """--beta, or the loss's default when it is not given (0)."""
+        return self.beta or DEFAULT_BETA.get(self.loss, 0.1)
+
+    def check(self) -> None:
+        need_data(self.data)
+        if self.loss in ("ipo", "hinge") and self.label_smoothing:
+            raise OptionError("label_smoothing", self.label_smoothing, f"must be 0 with --loss {self.loss} (not defined for it)")
+        if self.loss == "robust" and self.label_smoothing >= 0.5:
+            raise OptionError("label_smoothing", self.label_smoothing, "robust DPO needs a value < 0.5")
+        if self.loss not in REFERENCE_FREE and not self.precompute_ref and not self.reference and not self.model.lora:
+            raise OptionError("precompute_ref", False, "--no-precompute-ref with full fine-tuning needs --reference MODEL "
+                              "(no second copy is made)")
 
 
 @dataclass
@@ -61,6 +92,7 @@ class PairLogps:
 
 def make_objective(cfg: DPOConfig) -> Callable[[PairLogps], tuple[torch.Tensor, dict]]:
     """The loss, chosen once: PairLogps -> (per-pair losses, metrics)."""
+    cfg = replace(cfg, beta=cfg.loss_beta())
     if cfg.loss == "simpo":
         return lambda p: losses.simpo_loss(p.chosen, p.rejected, p.chosen_len, p.rejected_len, cfg.beta,
                                            cfg.simpo_gamma, cfg.label_smoothing)
@@ -103,10 +135,11 @@ def reference_logps(model, examples: list[PreferenceExample], pad_id: int, autoc
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].prompt_ids) + len(examples[i].chosen_ids))
     values: dict[int, tuple[float, float]] = {}
     adapter_off = adapter_disabled(model) if disable_adapter else nullcontext()
+    device = next(model.parameters()).device
     with adapter_off:
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            batch = collate_pairs([(examples[i], 0.0, 0.0) for i in idx], pad_id)
+            batch = send_to_device(collate_pairs([(examples[i], 0.0, 0.0) for i in idx], pad_id), device)
             with autocast():
                 logps, _ = pair_logps(LogprobModel(model), batch)
             b = len(idx)
@@ -117,6 +150,8 @@ def reference_logps(model, examples: list[PreferenceExample], pad_id: int, autoc
 
 def train(cfg: DPOConfig) -> Path:
     default_threads()
+    given = cfg.beta
+    cfg = replace(cfg, beta=cfg.loss_beta())  # recorded as used in the run's config
     objective = make_objective(cfg)
     needs_ref = cfg.loss not in REFERENCE_FREE
     model, tokenizer = load_model(cfg.model.model, lora=cfg.model.lora_settings(), trust_remote_code=cfg.model.trust_remote_code)
@@ -131,6 +166,8 @@ def train(cfg: DPOConfig) -> Path:
     total = total_steps_for(cfg.train, len(examples), distributed_state().num_processes)
     engine = Engine(cfg.train, model, tokenizer, total, train_module=LogprobModel(model),
                     run_config={"algo": "dpo", **asdict(cfg)})
+    if engine.is_main and cfg.loss != "orpo":
+        print(f"dpo: --loss {cfg.loss}, beta {cfg.beta:g}" + ("" if given else " (the loss's default; set --beta to change)"))
     ref_source = ref_model if ref_model is not None else model
     lora_ref = ref_model is None and cfg.model.lora
     if needs_ref and not cfg.precompute_ref and ref_model is None and not cfg.model.lora:
@@ -161,7 +198,7 @@ def train(cfg: DPOConfig) -> Path:
     def evaluate() -> dict[str, float]:
         totals: dict[str, float] = {}
         for start in range(0, len(eval_items), 16):
-            batch = collate_pairs(eval_items[start : start + 16], pad_id)
+            batch = engine.to_device(collate_pairs(eval_items[start : start + 16], pad_id))
             with engine.autocast():
                 logps, lengths = pair_logps(LogprobModel(model), batch)
             per_pair, metrics = objective(_split(logps, lengths, batch))

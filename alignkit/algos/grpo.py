@@ -37,13 +37,14 @@ from pathlib import Path
 import torch
 
 from alignkit import losses
-from alignkit.config import DataConfig, ModelConfig, arg
+from alignkit.config import DataConfig, ModelConfig, OptionError, above, arg, at_least, model_location
 from alignkit.engine import Engine, TrainConfig, default_threads, distributed_state
 from alignkit.logprobs import LogprobModel
 from alignkit.models import load_model
 from alignkit.online import (
     RolloutConfig,
     batched_logprobs,
+    check_minibatches,
     evaluate_policy,
     prompt_batch,
     read_prompts,
@@ -69,13 +70,23 @@ class GRPOConfig:
     # max_steps counts rollout steps here; batch_size x grad_accum rows make one optimizer step
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-6, batch_size=32, grad_accum=2, max_steps=100))
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    advantage: str = arg("grpo", "grpo (group mean/std) | rloo (leave-one-out) | reinforce++ (batch-whitened returns)")
-    beta: float = arg(0.04, "β: weight of the KL to the reference; 0 drops the reference model")
-    kl_in: str = arg("auto", "where β·KL goes: loss (k3) | reward (k1, detached) | auto (grpo: loss, else reward)")
-    clip_eps: float = arg(0.2, "ε of the clipped ratio π/π_old")
-    num_iterations: int = arg(1, "passes (PPO epochs) over each rollout")
-    loss_agg: str = arg("token-mean", "token-mean (DAPO) | seq-mean (GRPO paper) | seq-sum (plain REINFORCE)")
-    reference: str = arg("", "reference model; empty: the initial policy")
+    advantage: str = arg("grpo", "grpo (group mean/std) | rloo (leave-one-out) | reinforce++ (batch-whitened returns)",
+                         choices=ADVANTAGES)
+    beta: float = arg(0.04, "β: weight of the KL to the reference; 0 drops the reference model", check=at_least(0))
+    kl_in: str = arg("auto", "where β·KL goes: loss (k3) | reward (k1, detached) | auto (grpo: loss, else reward)",
+                     choices=("auto", "loss", "reward"))
+    clip_eps: float = arg(0.2, "ε of the clipped ratio π/π_old", check=above(0))
+    num_iterations: int = arg(1, "passes (PPO epochs) over each rollout", check=at_least(1))
+    loss_agg: str = arg("token-mean", "token-mean (DAPO) | seq-mean (GRPO paper) | seq-sum (plain REINFORCE)",
+                        choices=AGGREGATIONS)
+    reference: str = arg("", "reference model; empty: the initial policy", check=model_location)
+
+    def check(self) -> None:
+        if self.advantage in ("grpo", "rloo") and self.rollout.group_size < 2:
+            raise OptionError("group_size", self.rollout.group_size, f"--advantage {self.advantage} compares the responses "
+                              "to one prompt: expected at least 2")
+        check_minibatches(self.rollout.prompts_per_step, self.rollout.group_size, self.train.batch_size,
+                          self.train.grad_accum)
 
     def kl_placement(self) -> str:
         if self.kl_in not in ("auto", "loss", "reward"):
@@ -87,16 +98,19 @@ class GRPOConfig:
 
 @dataclass
 class RLOOConfig(GRPOConfig):
-    advantage: str = arg("rloo", "grpo (group mean/std) | rloo (leave-one-out) | reinforce++ (batch-whitened returns)")
+    advantage: str = arg("rloo", "grpo (group mean/std) | rloo (leave-one-out) | reinforce++ (batch-whitened returns)",
+                         choices=ADVANTAGES)
 
 
 # ------------------------------------------------------------------------------------------------ advantages
 AdvantageFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def make_advantage_fn(cfg: GRPOConfig) -> AdvantageFn:
+def make_advantage_fn(cfg: GRPOConfig, all_sum: losses.AllSum | None = None) -> AdvantageFn:
     """Chosen once: (scores (B,), token KL log π_old − log π_ref (B, T), mask (B, T)) -> advantages (B,) or (B, T).
-    The token KL is all zeros when the KL is not in the reward."""
+    The token KL is all zeros when the KL is not in the reward. Groups live in one process (a prompt's samples
+    are drawn together), so grpo/rloo are local; REINFORCE++ whitens over the global batch through `all_sum`
+    (``Engine.all_sum``)."""
     group = cfg.rollout.group_size
     beta = cfg.beta if cfg.kl_placement() == "reward" else 0.0
 
@@ -111,7 +125,7 @@ def make_advantage_fn(cfg: GRPOConfig) -> AdvantageFn:
 
         def reinforce_pp(scores, token_kl, mask):
             rewards, _ = losses.kl_penalty_rewards(scores, token_kl, torch.zeros_like(token_kl), mask, beta)
-            return losses.reinforce_pp_advantages(losses.discounted_returns(rewards, mask), mask)
+            return losses.reinforce_pp_advantages(losses.discounted_returns(rewards, mask), mask, all_sum=all_sum)
 
         return reinforce_pp
     raise ValueError(f"--advantage must be one of {', '.join(ADVANTAGES)}, got {cfg.advantage!r}")
@@ -126,6 +140,13 @@ class Batch:
     advantages: torch.Tensor
     old_logps: torch.Tensor | None  # None: the policy has not moved since sampling, old = current (detached)
     ref_logps: torch.Tensor | None  # None: no KL term in the loss
+
+    def to(self, device, non_blocking: bool = False) -> Batch:
+        def move(x):
+            return None if x is None else x.to(device, non_blocking=non_blocking)
+
+        return Batch(self.rollout.to(device, non_blocking), *(move(x) for x in (self.advantages, self.old_logps,
+                                                                               self.ref_logps)))
 
 
 def select(rollout: Rollout, index: torch.Tensor, advantages: torch.Tensor, old: torch.Tensor | None,
@@ -151,6 +172,8 @@ def policy_loss(module, batch: Batch, cfg: GRPOConfig) -> tuple[torch.Tensor, di
                                                      cfg.clip_eps, cfg.beta)
     else:
         per_token, metrics = losses.ppo_policy_loss(logps, old, batch.advantages, mask, cfg.clip_eps)
+    if batch.ref_logps is not None:  # Σ_t log π/π_ref per response, from this very forward (see grpo_step)
+        metrics["kl_seq"] = losses.masked_sum(logps.detach() - batch.ref_logps, mask, dim=-1).mean()
     if cfg.loss_agg == "seq-mean":
         total = losses.masked_mean(per_token, mask, dim=-1).sum()
     else:  # token-mean and seq-sum sum the tokens; they differ in the divisor (count_items)
@@ -212,9 +235,13 @@ def grpo_step(engine: Engine, reference: Callable[[Rollout], torch.Tensor] | Non
     metrics = {name: value / n_updates for name, value in sums.items()}
     if "kl" in metrics:  # the k3 term of the loss: per token, under the policy being updated
         metrics["kl_k3"] = metrics.pop("kl")
+    kl_seq = metrics.pop("kl_seq", None)
     if ref_logps is not None:  # as in PPO and evaluation: Σ_t (log π_old − log π_ref) per response, mean over rows
-        sampled = old_logps if old_logps is not None else rollout.logprobs
-        metrics["kl"] = float(losses.masked_sum(sampled - ref_logps, mask, dim=-1).mean())
+        # π_old through the training forward, like π_ref: never the sampler's numbers (another kernel, maybe another
+        # precision), so a policy equal to its reference shows exactly 0. Without a recomputed π_old, the single
+        # update's own forward is π_old (its micro-batches are the reference's chunks, so the shapes match too).
+        metrics["kl"] = float(losses.masked_sum(old_logps - ref_logps, mask, dim=-1).mean()) \
+            if old_logps is not None else kl_seq
     metrics["entropy"] = float(-losses.masked_mean(rollout.logprobs, mask))  # −log π of the sampled tokens
     return metrics
 
@@ -224,7 +251,7 @@ def train(cfg: GRPOConfig) -> Path:
     default_threads()
     if cfg.loss_agg not in AGGREGATIONS:
         raise ValueError(f"--loss-agg must be one of {', '.join(AGGREGATIONS)}, got {cfg.loss_agg!r}")
-    advantage_fn = make_advantage_fn(cfg)
+    make_advantage_fn(cfg)  # checks --advantage before the model loads
     model, tokenizer = load_model(cfg.model.model, lora=cfg.model.lora_settings(), trust_remote_code=cfg.model.trust_remote_code)
     prompts = read_prompts(cfg.data.data, tokenizer, cfg.data.max_length, cfg.data.skip_invalid)
     eval_prompts = []
@@ -247,6 +274,7 @@ def train(cfg: GRPOConfig) -> Path:
 
     engine = Engine(cfg.train, model, tokenizer, steps * updates_per_step, train_module=LogprobModel(model),
                     run_config={"algo": cfg.advantage, **asdict(cfg)})
+    advantage_fn = make_advantage_fn(cfg, engine.all_sum)
     # before any update or resume, so the reference is the initial policy; none at all when β = 0
     reference = None if cfg.beta == 0 else reference_logprobs(
         model, cfg.model.lora, cfg.reference, cfg.rollout.temperature, cfg.train.batch_size, device=engine.device)

@@ -31,9 +31,10 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from accelerate.utils import send_to_device
 
 from alignkit import losses
-from alignkit.config import DataConfig, ModelConfig, arg
+from alignkit.config import DataConfig, ModelConfig, OptionError, above, arg, model_location, need_data
 from alignkit.data import UnpairedExample, read_examples, unpaired_example
 from alignkit.data.collate import pad_prompt_completions
 from alignkit.engine import Engine, TrainConfig, default_threads, distributed_state, total_steps_for
@@ -49,11 +50,18 @@ class KTOConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=lambda: DataConfig(max_length=512))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-6, warmup_ratio=0.1))
-    beta: float = arg(0.1, "β: scale of the implicit reward β·log(π/π_ref) (paper 0.1)")
-    desirable_weight: float = arg(1.0, "λ_D, loss weight of desirable examples (paper: λ_D·n_D / λ_U·n_U in [1, 4/3])")
-    undesirable_weight: float = arg(1.0, "λ_U, loss weight of undesirable examples")
-    reference: str = arg("", "reference model; empty: the initial policy")
+    beta: float = arg(0.1, "β: scale of the implicit reward β·log(π/π_ref) (paper 0.1)", check=above(0))
+    desirable_weight: float = arg(1.0, "λ_D, loss weight of desirable examples (paper: λ_D·n_D / λ_U·n_U in [1, 4/3])",
+                                  check=above(0))
+    undesirable_weight: float = arg(1.0, "λ_U, loss weight of undesirable examples", check=above(0))
+    reference: str = arg("", "reference model; empty: the initial policy", check=model_location)
     precompute_ref: bool = arg(True, "compute reference log-probs once before training")
+
+    def check(self) -> None:
+        need_data(self.data)
+        if not self.precompute_ref and not self.reference and not self.model.lora:
+            raise OptionError("precompute_ref", False, "--no-precompute-ref with full fine-tuning needs --reference MODEL "
+                              "(no second copy is made)")
 
 
 def mismatched_completions(examples: list[UnpairedExample], seed: int, max_length: int) -> list[list[int]]:
@@ -81,6 +89,21 @@ def completion_logps(module, batch: dict[str, torch.Tensor], rows: slice = slice
     return token.sum(-1)
 
 
+def class_sums(logps: torch.Tensor, ref_logps: torch.Tensor, desirable: torch.Tensor,
+               beta: float) -> dict[str, tuple[float, float]]:
+    """(sum, count) over the desirable ("chosen") and undesirable ("rejected") examples of a micro-batch of the
+    implicit reward β·(log π − log π_ref) and of log π: the engine divides the step's sums by its counts, so a
+    micro-batch lacking one class adds nothing to that class's mean (a batch mean would add a 0)."""
+    rewards = beta * (logps.detach().float() - ref_logps.to(logps.device).float())
+    desirable = desirable.to(logps.device).bool()
+    out = {}
+    for name, mask in (("chosen", desirable), ("rejected", ~desirable)):
+        n = float(mask.sum())
+        out[f"rewards/{name}"] = (float(rewards[mask].sum()), n)
+        out[f"logps/{name}"] = (float(logps.detach().float()[mask].sum()), n)
+    return out
+
+
 def implicit_reward_accuracy(rewards: torch.Tensor, desirable: torch.Tensor) -> torch.Tensor:
     """Fraction of (desirable, undesirable) pairs of examples whose implicit rewards are ordered right,
     r_desirable > r_undesirable (the ROC AUC of the reward as a classifier; ties count as wrong).
@@ -102,7 +125,7 @@ def reference_logps(model, items: list[Item], pad_id: int, autocast, batch_size:
     with adapter_off:
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            batch = collate_unpaired([items[i] for i in idx], pad_id)
+            batch = send_to_device(collate_unpaired([items[i] for i in idx], pad_id), next(model.parameters()).device)
             with autocast():
                 logps = completion_logps(LogprobModel(model), batch)
             b = len(idx)
@@ -177,14 +200,15 @@ def train(cfg: KTOConfig) -> Path:
             z0 = kl_estimate(completion_logps(module, batch, slice(b, None)), batch["ref_kl"])
         logps = completion_logps(module, batch, slice(0, b))
         per_example, metrics = objective(logps, batch["ref"], batch["desirable"], z0)
-        return per_example.sum(), {"loss": per_example.mean().item(), **{k: float(v) for k, v in metrics.items()}}
+        return per_example.sum(), {"loss": per_example.mean().item(), "kl": float(metrics["kl"]),
+                                   **class_sums(logps, batch["ref"], batch["desirable"], cfg.beta)}
 
     @torch.no_grad()
     def evaluate() -> dict[str, float]:
         # z0 and the losses over the whole held-out set at once, so its value does not depend on batching
         logps, kl_logps = [], []
         for start in range(0, len(eval_items), 16):
-            batch = collate_unpaired(eval_items[start : start + 16], pad_id)
+            batch = engine.to_device(collate_unpaired(eval_items[start : start + 16], pad_id))
             with engine.autocast():
                 both = completion_logps(LogprobModel(model), batch)
             b = both.shape[0] // 2
@@ -200,6 +224,7 @@ def train(cfg: KTOConfig) -> Path:
         return {f"eval/{k}": float(v) for k, v in scores.items()}
 
     collate = partial(collate_unpaired, pad_id=pad_id)
+    engine.derived_metrics["rewards/margins"] = lambda logs: logs["rewards/chosen"] - logs["rewards/rejected"]
     report = evaluate if eval_items else None
     if report is not None and not cfg.train.resume:
         engine.log(report(), step=0)

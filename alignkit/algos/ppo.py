@@ -13,7 +13,8 @@ Details of RLHF with PPO" (https://arxiv.org/abs/2403.17031). One iteration:
 5. ``ppo_epochs`` passes over the rollout in minibatches of ``batch_size x grad_accum`` rows, one optimizer step
    each, on  L = clipped policy loss + vf_coef·clipped value loss
    (+ ptx_coef·SFT loss for PPO-ptx), all token-means over the minibatch;
-6. β follows the adaptive controller when ``target_kl`` > 0.
+6. β follows the adaptive controller when ``target_kl`` > 0: β ← β·(1 + clip(KL/target − 1, ±0.2)·n/horizon), n the
+   samples of the rollout, horizon ``kl_horizon`` (10,000 as in OpenAI's code and TRL).
 
 ``max_steps`` and ``save_steps`` count PPO steps (rollouts); the learning-rate schedule, the logged ``step`` and
 checkpoint names (checkpoint-N) count optimizer steps, as in ``alignkit.algos.grpo``.
@@ -38,13 +39,24 @@ import torch.nn.functional as F
 from torch import nn
 
 from alignkit import losses
-from alignkit.config import DataConfig, ModelConfig, arg
+from alignkit.config import (
+    DataConfig,
+    ModelConfig,
+    OptionError,
+    above,
+    arg,
+    at_least,
+    between,
+    data_source,
+    model_location,
+)
 from alignkit.data import IGNORE, pad_sft, read_examples, sft_example
 from alignkit.engine import Engine, TrainConfig, default_threads, distributed_state
 from alignkit.logprobs import logprobs_from_hidden
 from alignkit.models import load_model, unwrap
 from alignkit.online import (
     RolloutConfig,
+    check_minibatches,
     evaluate_policy,
     prompt_batch,
     read_prompts,
@@ -67,20 +79,33 @@ class PPOConfig:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=100, lr=1e-5, batch_size=8, grad_accum=2,
                                                                    schedule="linear"))
     rollout: RolloutConfig = field(default_factory=lambda: RolloutConfig(group_size=1))
-    kl_coef: float = arg(0.05, "β: weight of the per-token KL penalty in the reward (start value when adaptive)")
-    target_kl: float = arg(0.0, "adaptive β: target per-sequence KL (Ziegler 2019 used 6); 0 = fixed β")
-    gamma: float = arg(1.0, "discount γ of the GAE")
-    lam: float = arg(0.95, "GAE λ")
-    ppo_epochs: int = arg(4, "passes over each rollout (one optimizer step per minibatch of batch_size x grad_accum)")
-    clip_ratio: float = arg(0.2, "ε: clip range of the probability ratio π/π_old")
-    clip_value: float = arg(0.2, "clip range of the value update around the old values")
-    vf_coef: float = arg(0.1, "weight of the value loss (lm-human-preferences: 0.1)")
+    kl_coef: float = arg(0.05, "β: weight of the per-token KL penalty in the reward (start value when adaptive)",
+                         check=at_least(0))
+    target_kl: float = arg(0.0, "adaptive β: target per-sequence KL (Ziegler 2019 used 6); 0 = fixed β", check=at_least(0))
+    kl_horizon: int = arg(10000, "adaptive β: controller horizon; each rollout of n samples moves β by at most "
+                                 "0.2·n/horizon (OpenAI's lm-human-preferences and TRL: 10000)", check=at_least(1))
+    gamma: float = arg(1.0, "discount γ of the GAE", check=between(0, 1))
+    lam: float = arg(0.95, "GAE λ", check=between(0, 1))
+    ppo_epochs: int = arg(4, "passes over each rollout (one optimizer step per minibatch of batch_size x grad_accum)",
+                          check=at_least(1))
+    clip_ratio: float = arg(0.2, "ε: clip range of the probability ratio π/π_old", check=above(0))
+    clip_value: float = arg(0.2, "clip range of the value update around the old values", check=above(0))
+    vf_coef: float = arg(0.1, "weight of the value loss (lm-human-preferences: 0.1)", check=at_least(0))
     whiten_rewards: bool = arg(False, "scale the per-token rewards to unit variance over the batch (mean kept)")
     missing_eos_penalty: float = arg(0.0, "added to the score of a response without EOS (e.g. -1.0); 0 = off")
     missing_eos_replace: bool = arg(False, "replace such a score by missing_eos_penalty instead (lm-human-preferences)")
-    ptx_coef: float = arg(0.0, "γ of PPO-ptx: weight of the SFT loss on ptx_data mixed into every update")
-    ptx_data: str = arg("", "SFT records (prompt/completion, messages or text) for PPO-ptx")
-    critic: str = arg("", "reward model dir to initialise a separate critic from; empty: a zero-init head on the policy")
+    ptx_coef: float = arg(0.0, "γ of PPO-ptx: weight of the SFT loss on ptx_data mixed into every update", check=at_least(0))
+    ptx_data: str = arg("", "SFT records (prompt/completion, messages or text) for PPO-ptx", check=data_source)
+    critic: str = arg("", "reward model dir to initialise a separate critic from; empty: a zero-init head on the policy",
+                      check=model_location)
+
+    def check(self) -> None:
+        if self.train.max_steps <= 0:
+            raise OptionError("max_steps", self.train.max_steps, "PPO needs --max-steps > 0 (rollout steps)")
+        if self.ptx_coef > 0 and not self.ptx_data:
+            raise OptionError("ptx_coef", self.ptx_coef, "needs --ptx-data (SFT records)")
+        check_minibatches(self.rollout.prompts_per_step, self.rollout.group_size, self.train.batch_size,
+                          self.train.grad_accum)
 
 
 # ------------------------------------------------------------------------------------------ policy + value
@@ -219,10 +244,11 @@ def ppo_update(engine: Engine, module: nn.Module, ref_fn: Callable[[Rollout], to
     old_logps, old_values, entropy = (torch.cat(t) for t in zip(*old, strict=True))
     ref_logps = ref_fn(rollout)
     rewards, kl_metrics = losses.kl_penalty_rewards(scores, old_logps, ref_logps, mask, kl_coef)
+    # whitening statistics are those of the global batch (all processes' rollouts), as in one process
     if cfg.whiten_rewards:
-        rewards = losses.masked_whiten(rewards, mask, shift_mean=False)
+        rewards = losses.masked_whiten(rewards, mask, shift_mean=False, all_sum=engine.all_sum)
     advantages, returns = losses.gae_advantages(rewards, old_values, mask, cfg.gamma, cfg.lam)
-    advantages = losses.masked_whiten(advantages, mask)
+    advantages = losses.masked_whiten(advantages, mask, all_sum=engine.all_sum)
 
     generator = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + engine.step)
     sums: dict[str, float] = {}
@@ -337,7 +363,10 @@ def train(cfg: PPOConfig) -> Path:
         if cfg.target_kl > 0:  # every process must take the same β: average the KL over processes
             kl = torch.tensor(logs["kl"], device=engine.device)
             kl = engine.accelerator.reduce(kl, reduction="mean") if engine.world_size > 1 else kl
-            kl_ctl.coef.fill_(losses.adaptive_kl_coef(float(kl_ctl.coef), float(kl), cfg.target_kl))
+            # K_β = n_steps / horizon, n_steps = samples in this rollout over all processes (Ziegler et al. 2019)
+            n_samples = cfg.rollout.prompts_per_step * cfg.rollout.group_size
+            kl_ctl.coef.fill_(losses.adaptive_kl_coef(float(kl_ctl.coef), float(kl), cfg.target_kl,
+                                                      k_beta=n_samples / cfg.kl_horizon))
         step += 1
         if cfg.train.eval_steps and eval_prompts and step % cfg.train.eval_steps == 0:
             logs.update(evaluate())

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from alignkit.algos.sft import count_targets, sft_loss
-from alignkit.config import DataConfig, ModelConfig, arg
+from alignkit.config import DataConfig, ModelConfig, arg, at_least, need_data
 from alignkit.data import IGNORE, SFTExample
 from alignkit.data.collate import pad_sft
 from alignkit.engine import Engine, TrainConfig, default_threads, distributed_state
@@ -58,9 +58,13 @@ class RAFTConfig:
     data: DataConfig = field(default_factory=lambda: DataConfig(max_length=256))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=2e-5))
     rollout: RolloutConfig = field(default_factory=lambda: RolloutConfig(group_size=8))
-    stages: int = arg(10, "RAFT stages: sample, keep the best per prompt, fine-tune")
-    sft_epochs: int = arg(1, "passes over each stage's kept samples")
-    kl_beta: float = arg(0.0, "rank by reward - kl_beta * log(pi/pi_ref) of the whole response; 0: reward only")
+    stages: int = arg(10, "RAFT stages: sample, keep the best per prompt, fine-tune", check=at_least(1))
+    sft_epochs: int = arg(1, "passes over each stage's kept samples", check=at_least(1))
+    kl_beta: float = arg(0.0, "rank by reward - kl_beta * log(pi/pi_ref) of the whole response; 0: reward only",
+                         check=at_least(0))
+
+    def check(self) -> None:
+        need_data(self.data)
 
 
 # ----------------------------------------------------------------------------------------------- selection
@@ -107,8 +111,6 @@ def _mean_across(engine: Engine, metrics: dict[str, float]) -> dict[str, float]:
 def train(cfg: RAFTConfig) -> Path:
     default_threads()
     model, tokenizer = load_model(cfg.model.model, lora=cfg.model.lora_settings(), trust_remote_code=cfg.model.trust_remote_code)
-    # π_0 = the initial policy, fixed before resume() can load trained weights
-    reference = reference_logprobs(model, cfg.model.lora, "", cfg.rollout.temperature, cfg.train.batch_size)
     reward = load_reward(cfg.rollout.reward)
     prompts = read_prompts(cfg.data.data, tokenizer, cfg.data.max_length, cfg.data.skip_invalid)
     eval_prompts = read_prompts(cfg.data.eval_data, tokenizer, cfg.data.max_length, cfg.data.skip_invalid) \
@@ -127,8 +129,11 @@ def train(cfg: RAFTConfig) -> Path:
                     run_config={"algo": "raft", **asdict(cfg)})
     sampling = cfg.rollout.sampling()
     k = cfg.rollout.group_size
-    logps_fn = with_policy_logprobs(model, reference, cfg.rollout.temperature, cfg.train.batch_size, engine.autocast,
-                                    sampled_are_exact=cfg.rollout.top_p == 1.0)
+    # π_0 = the initial policy, fixed before resume() can load trained weights; the same precision as the policy's
+    # side of every KL (engine.autocast), so the stage-1 KL of an untrained policy is exactly 0
+    reference = reference_logprobs(model, cfg.model.lora, "", cfg.rollout.temperature, cfg.train.batch_size,
+                                   engine.autocast, device=engine.device)
+    logps_fn = with_policy_logprobs(model, reference, cfg.rollout.temperature, cfg.train.batch_size, engine.autocast)
 
     def evaluate() -> dict[str, float]:
         return evaluate_policy(model, tokenizer, eval_prompts, reward, sampling, logps_fn, seed=cfg.train.seed + 1234)

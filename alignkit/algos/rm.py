@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from alignkit.config import DataConfig, ModelConfig, arg
+from alignkit.config import DataConfig, ModelConfig, arg, at_least, need_data
 from alignkit.data import (
     DataError,
     PreferenceExample,
@@ -37,12 +37,13 @@ from alignkit.data import (
     ranked_example,
     read_examples,
 )
-from alignkit.data.examples import split_implicit_prompt
+from alignkit.data.examples import split_implicit_prompt, split_prompt_turns
 from alignkit.data.records import Record
 from alignkit.engine import Engine, TrainConfig, default_threads, distributed_state, total_steps_for
 from alignkit.losses import bradley_terry_loss, ranked_bradley_terry_loss, reward_centering_loss
-from alignkit.models import LoraSettings, load_tokenizer, resolve, unwrap
+from alignkit.models import LoraSettings, load_sequence_classifier, unwrap
 from alignkit.rewards.base import prompt_text
+from alignkit.rewards.model import reward_input_ids
 
 
 @dataclass
@@ -50,32 +51,25 @@ class RMConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-5))
-    center_rewards_coefficient: float = arg(0.0, "weight of (r_w + r_l)^2, keeps rewards centred (0.01 suggested)")
+    center_rewards_coefficient: float = arg(0.0, "weight of (r_w + r_l)^2, keeps rewards centred (0.01 suggested)",
+                                            check=at_least(0))
     packing: bool = arg(True, "causal LMs (SDPA attention): each prompt once, then its answers, packed in rows")
+
+    def check(self) -> None:
+        need_data(self.data)
 
 
 # ------------------------------------------------------------------------------------------------------ model
 
 
 def load_reward_model(name_or_path: str, lora: LoraSettings | None = None, trust_remote_code: bool = False):
-    """``AutoModelForSequenceClassification(num_labels=1)`` and its tokenizer; a causal-LM checkpoint gets a fresh
-    score head (HF's init, N(0, 0.02)). A saved LoRA adapter directory loads with its adapter, trainable."""
-    from transformers import AutoModelForSequenceClassification
-
-    path = resolve(name_or_path)
-    tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
-    if (Path(path) / "adapter_config.json").exists():
-        from peft import AutoPeftModelForSequenceClassification
-
-        model = AutoPeftModelForSequenceClassification.from_pretrained(path, num_labels=1, is_trainable=True)
-        _distinct_pad(unwrap(model), tokenizer)
-    else:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=1, dtype=torch.float32, trust_remote_code=trust_remote_code
-        )
-        _distinct_pad(model, tokenizer)
-        if lora is not None:
-            model = _add_lora(model, lora)
+    """``AutoModelForSequenceClassification(num_labels=1)`` and its tokenizer (``models.load_sequence_classifier``):
+    a causal-LM checkpoint or LoRA adapter (e.g. the SFT stage's output, merged) gets a fresh score head (HF's init,
+    N(0, 0.02)); a saved LoRA reward model loads with its adapter, trainable."""
+    model, tokenizer = load_sequence_classifier(name_or_path, trust_remote_code=trust_remote_code, trainable=True)
+    _distinct_pad(unwrap(model), tokenizer)
+    if lora is not None and not hasattr(model, "peft_config"):
+        model = _add_lora(model, lora)
     model.eval()  # dropout off (as TRL's disable_dropout): the same pair always gets the same reward
     return model, tokenizer
 
@@ -164,10 +158,20 @@ class ScoreModel(nn.Module):
 
 
 def rm_example(record: Record, tokenizer, max_length: int | None) -> PreferenceExample | RankedExample:
-    """A causal-LM reward model reads what the policy reads: the data layer's prompt_ids + completion_ids."""
+    """A causal-LM reward model reads what the policy reads: the data layer's prompt_ids + completion_ids, ended
+    by the rule every scorer shares (``rewards.model.reward_input_ids``: read at the EOS closing the completion)."""
     if "responses" in record.data:
-        return ranked_example(record, tokenizer, max_length)
-    return preference_example(record, tokenizer, max_length)
+        example = ranked_example(record, tokenizer, max_length)
+        example.responses_ids = [_ended(example.prompt_ids, r, tokenizer) for r in example.responses_ids]
+        return example
+    example = preference_example(record, tokenizer, max_length)
+    example.chosen_ids = _ended(example.prompt_ids, example.chosen_ids, tokenizer)
+    example.rejected_ids = _ended(example.prompt_ids, example.rejected_ids, tokenizer)
+    return example
+
+
+def _ended(prompt_ids: list[int], completion_ids: list[int], tokenizer) -> list[int]:
+    return reward_input_ids(prompt_ids + completion_ids, tokenizer)[len(prompt_ids):]
 
 
 def text_rm_example(record: Record, tokenizer, max_length: int | None) -> PreferenceExample | RankedExample:
@@ -179,6 +183,10 @@ def text_rm_example(record: Record, tokenizer, max_length: int | None) -> Prefer
     if implicit and all(isinstance(data.get(k), (str, list)) for k in ("chosen", "rejected")):
         data["prompt"], data["chosen"], data["rejected"] = split_implicit_prompt(
             data["chosen"], data["rejected"], record.where
+        )
+    elif "responses" not in data and all(isinstance(data.get(k), (str, list)) for k in ("prompt", "chosen", "rejected")):
+        data["prompt"], data["chosen"], data["rejected"] = split_prompt_turns(
+            data["prompt"], data["chosen"], data["rejected"], record.where
         )
     prompt = data.get("prompt")
     # the data layer validates fields, margins, labels and scores on a plain-text copy
@@ -414,7 +422,8 @@ def train(cfg: RMConfig) -> Path:
         eval_collate = partial(collates[eval_kind], pad_id=tokenizer.pad_token_id, pack=pack)
         eval_loss = partial(losses[eval_kind], center=cfg.center_rewards_coefficient)
         size = cfg.train.batch_size
-        eval_batches = [eval_collate(eval_examples[i : i + size]) for i in range(0, len(eval_examples), size)]
+        eval_batches = [engine.to_device(eval_collate(eval_examples[i : i + size]))
+                        for i in range(0, len(eval_examples), size)]
         evaluate_fn = partial(evaluate, score_model, eval_batches, eval_loss, engine.autocast)
     if evaluate_fn is not None and not cfg.train.resume:
         before = evaluate_fn()

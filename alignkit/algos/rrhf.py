@@ -23,13 +23,13 @@ from pathlib import Path
 import torch
 
 from alignkit import losses
-from alignkit.config import DataConfig, ModelConfig, arg
+from alignkit.config import DataConfig, ModelConfig, arg, at_least, need_data
 from alignkit.data import DataError, RankedExample, Record, build_examples, load_records, ranked_example
 from alignkit.data.collate import pad_prompt_completions
 from alignkit.engine import Engine, TrainConfig, default_threads, distributed_state, total_steps_for
 from alignkit.logprobs import LogprobModel
 from alignkit.models import load_model
-from alignkit.rewards import load_reward
+from alignkit.rewards import load_reward, reward_spec_problem
 from alignkit.rewards.base import RewardSource, prompt_text
 
 
@@ -41,8 +41,12 @@ class RRHFConfig:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=2e-5, warmup_ratio=0.03, epochs=3.0, batch_size=2,
                                                                    grad_accum=4))
     reward: str = arg("", "score the responses with this reward (vader, a reward model dir, module:function, ...) "
-                          "instead of the records' scores")
-    rank_weight: float = arg(1.0, "weight of the ranking loss; the SFT loss on the best response has weight 1 (paper 1)")
+                          "instead of the records' scores", check=lambda spec: reward_spec_problem(spec) if spec else None)
+    rank_weight: float = arg(1.0, "weight of the ranking loss; the SFT loss on the best response has weight 1 (paper 1)",
+                             check=at_least(0))
+
+    def check(self) -> None:
+        need_data(self.data)
 
 
 def _response_text(response) -> str | None:
@@ -82,7 +86,8 @@ def read_ranked(source, tokenizer, max_length: int, skip_invalid: bool, reward: 
         if given:
             print(f"alignkit: {source}: --reward replaces the scores of {given} records", file=sys.stderr)
         records = score_records(records, reward)
-    examples, skipped = build_examples(records, _ranked_example, tokenizer, max_length, "skip" if skip_invalid else "raise")
+    examples, skipped = build_examples(records, _ranked_example, tokenizer, max_length, "skip" if skip_invalid else "raise",
+                                       source)
     if skipped:
         detail = ", ".join(f"{n} {reason}" for reason, n in skipped.most_common())
         print(f"alignkit: {source}: skipped {sum(skipped.values())} invalid records ({detail})", file=sys.stderr)
@@ -166,7 +171,7 @@ def train(cfg: RRHFConfig) -> Path:
         # all held-out prompts in one objective call, so rank agreement is over all their pairs
         avg, present, scores = [], [], []
         for start in range(0, len(eval_examples), 8):
-            batch = collate_ranked(eval_examples[start : start + 8], pad_id)
+            batch = engine.to_device(collate_ranked(eval_examples[start : start + 8], pad_id))
             with engine.autocast():
                 a, p = ranked_logps(LogprobModel(model), batch)
             pad = (0, k_max - a.shape[1])  # prompts with fewer responses than the longest list

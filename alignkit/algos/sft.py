@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from alignkit.config import DataConfig, ModelConfig, arg
+from alignkit.config import DataConfig, ModelConfig, arg, need_data
 from alignkit.data import IGNORE, read_examples, sft_example
 from alignkit.data.collate import collate_packed, pack_sft, pad_sft
 from alignkit.engine import Engine, TrainConfig, default_threads, distributed_state, total_steps_for
@@ -26,6 +26,9 @@ class SFTConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=2e-5))
     packing: bool = arg(False, "pack several short examples into each row of max_length tokens")
+
+    def check(self) -> None:
+        need_data(self.data)
 
 
 def _targets(batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -72,10 +75,10 @@ def train(cfg: SFTConfig) -> Path:
         collate = partial(collate_packed, pad_id=pad_id)
     else:
         collate = partial(pad_sft, pad_id=pad_id)
-    eval_batches = [pad_sft(eval_examples[i : i + 8], pad_id) for i in range(0, len(eval_examples), 8)]
 
     total = total_steps_for(cfg.train, len(examples), distributed_state().num_processes)
     engine = Engine(cfg.train, model, tokenizer, total, train_module=LogprobModel(model), run_config={"algo": "sft", **asdict(cfg)})
+    eval_batches = [engine.to_device(pad_sft(eval_examples[i : i + 8], pad_id)) for i in range(0, len(eval_examples), 8)]
     evaluate = (lambda: {"eval/loss": mean_nll(model, eval_batches, engine.autocast)}) if eval_batches else None
     if evaluate is not None and not cfg.train.resume:
         before = evaluate()["eval/loss"]

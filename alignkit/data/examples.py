@@ -5,7 +5,8 @@ Accepted shapes (the ones TRL users already have):
 - SFT: ``{"prompt", "completion"}`` (strings or message lists), ``{"messages": [...]}`` (all assistant turns
   are trained), or ``{"text"}`` (every token trained).
 - Preference: ``{"prompt", "chosen", "rejected"}``; implicit prompt ``{"chosen", "rejected"}`` where both are
-  full transcripts and their shared prefix is the prompt; strings or message lists. Optional ``margin``
+  full transcripts and their shared prefix is the prompt; strings or message lists; a prompt with whole
+  conversations as chosen/rejected that begin with it (UltraFeedback-binarized). Optional ``margin``
   (float) and ``label`` (probability that chosen is preferred: soft labels from an AI labeler).
 - Ranked: ``{"prompt", "responses": [...], "scores": [...]}`` with at least two responses.
 - Unpaired: ``{"prompt", "completion", "label": bool}`` (KTO).
@@ -190,7 +191,8 @@ def encode_prompt(tokenizer, prompt: Text) -> list[int]:
 
 
 def split_implicit_prompt(chosen: Text, rejected: Text, where: str) -> tuple[Text, Text, Text]:
-    """Shared prefix of two full transcripts = the prompt (message-wise for conversations)."""
+    """Shared prefix of two full transcripts = the prompt (message-wise for conversations). For strings the
+    prompt ends at a word boundary, before the whitespace that separates it from the answers."""
     if isinstance(chosen, list) and isinstance(rejected, list):
         n = 0
         while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
@@ -200,13 +202,53 @@ def split_implicit_prompt(chosen: Text, rejected: Text, where: str) -> tuple[Tex
         return chosen[:n], chosen[n:], rejected[n:]
     if isinstance(chosen, str) and isinstance(rejected, str):
         n = len(os.path.commonprefix([chosen, rejected]))
-        # back off to a whitespace boundary so no word is split between prompt and answer
+        # back off to a whitespace boundary so no word is split between prompt and answer ...
         while n > 0 and not chosen[n - 1].isspace():
             n -= 1
-        if n == 0 or n >= min(len(chosen), len(rejected)):
+        # ... and give the separating whitespace to the answers ("...Assistant:" | " I think"), as TRL's
+        # extract_prompt does: byte-level BPE merges a space into the word after it, so only this split makes
+        # prompt_ids + chosen_ids the tokenisation of the whole transcript (and the answer's first token is
+        # the one the model produces after "Assistant:" at inference, not a word that never follows a space)
+        while n > 0 and chosen[n - 1].isspace():
+            n -= 1
+        if n == 0 or not chosen[n:].strip() or not rejected[n:].strip():
             raise DataError(f"{where}: 'chosen' and 'rejected' share no prompt prefix; add a 'prompt' field", reason="no shared prompt")
         return chosen[:n], chosen[n:], rejected[n:]
     raise DataError(f"{where}: 'chosen' and 'rejected' must both be strings or both message lists", reason="mixed text and messages")
+
+
+def split_prompt_turns(prompt: Text, chosen: Text, rejected: Text, where: str) -> tuple[Text, Text, Text]:
+    """Completions that are whole conversations beginning with the prompt's turns (the UltraFeedback-binarized
+    shape of the alignment handbook: ``prompt`` a string, ``chosen``/``rejected`` = [{user: prompt},
+    {assistant: ...}]): their shared leading turns become the prompt, the rest the completions. The shared turns
+    must end with the prompt (a string prompt: a user turn with that content; a message list: those messages);
+    anything else is an error, never a duplicated or dropped turn. Other shapes pass through unchanged."""
+    lists = isinstance(chosen, list) and isinstance(rejected, list) and chosen and rejected
+    if not lists or not all(isinstance(m, dict) for m in chosen + rejected):
+        return prompt, chosen, rejected  # not conversations (or malformed ones, which the caller reports)
+    if chosen[0].get("role") == "assistant" and rejected[0].get("role") == "assistant":
+        return prompt, chosen, rejected  # completions proper: the prompt holds every earlier turn
+    turns = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    if not isinstance(turns, list) or not turns:
+        return prompt, chosen, rejected  # an invalid prompt: the caller reports it
+    expected = "a user turn holding the 'prompt'" if isinstance(prompt, str) else "the 'prompt' messages"
+    try:
+        head, chosen_tail, rejected_tail = split_implicit_prompt(chosen, rejected, where)
+    except DataError:
+        head, chosen_tail, rejected_tail = [], chosen, rejected
+
+    def same(a: dict, b: dict) -> bool:  # whitespace at the ends of a turn is not a different prompt
+        return a.get("role") == b.get("role") and str(a.get("content", "")).strip() == str(b.get("content", "")).strip()
+
+    matches = len(head) >= len(turns) and \
+        all(isinstance(t, dict) and same(a, t) for a, t in zip(head[len(head) - len(turns) :], turns))
+    if not matches:
+        raise DataError(
+            f"{where}: 'chosen' and 'rejected' are whole conversations, but their shared leading turns do not end "
+            f"with {expected}; drop the prompt turns from them or fix 'prompt'",
+            reason="prompt does not match conversation",
+        )
+    return head, chosen_tail, rejected_tail
 
 
 # --------------------------------------------------------------------------------------------- the builders
@@ -242,7 +284,7 @@ def sft_example(record: Record, tokenizer, max_length: int | None) -> SFTExample
 def preference_example(record: Record, tokenizer, max_length: int | None) -> PreferenceExample:
     chosen, rejected = _field(record, "chosen"), _field(record, "rejected")
     if "prompt" in record.data:
-        prompt = _field(record, "prompt")
+        prompt, chosen, rejected = split_prompt_turns(_field(record, "prompt"), chosen, rejected, record.where)
     else:
         prompt, chosen, rejected = split_implicit_prompt(chosen, rejected, record.where)
     prompt_ids, chosen_ids = _with_where(record, encode_prompt_completion, tokenizer, prompt, chosen)
@@ -318,13 +360,16 @@ def build_examples(
     tokenizer,
     max_length: int | None = None,
     on_error: str = "raise",
+    source: Any = "",
 ) -> tuple[list, Counter]:
     """Validate and tokenise every record. Returns the examples and a Counter of skipped records by reason
-    (always empty with ``on_error="raise"``, which stops at the first invalid record)."""
+    (always empty with ``on_error="raise"``, which stops at the first invalid record). ``source`` names the
+    data in the error raised when nothing is left."""
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
-    examples, skipped = [], Counter()
+    examples, skipped, seen = [], Counter(), 0
     for record in records:
+        seen += 1
         try:
             examples.append(make(record, tokenizer, max_length))
         except DataError as e:
@@ -332,7 +377,9 @@ def build_examples(
                 raise
             skipped[e.reason] += 1
     if not examples:
-        raise DataError("no valid examples" + (f" (skipped: {dict(skipped)})" if skipped else ""))
+        name = f"{source}: " if isinstance(source, (str, os.PathLike)) and str(source) else ""
+        detail = f" (skipped: {dict(skipped)})" if skipped else " (no records)" if not seen else ""
+        raise DataError(f"{name}no valid examples{detail}")
     return examples, skipped
 
 
@@ -342,7 +389,8 @@ def read_examples(source: Any, make: Callable, tokenizer, max_length: int | None
 
     from alignkit.data.records import load_records
 
-    examples, skipped = build_examples(load_records(source), make, tokenizer, max_length, "skip" if skip_invalid else "raise")
+    examples, skipped = build_examples(load_records(source), make, tokenizer, max_length, "skip" if skip_invalid else "raise",
+                                       source)
     if skipped:
         detail = ", ".join(f"{n} {reason}" for reason, n in skipped.most_common())
         print(f"alignkit: {source}: skipped {sum(skipped.values())} invalid records ({detail})", file=sys.stderr)

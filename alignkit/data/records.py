@@ -5,7 +5,9 @@ Every record keeps where it came from (``file:line`` or ``file:row``) so that a 
 
 from __future__ import annotations
 
+import codecs
 import csv
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,33 +63,70 @@ def load_records(source: Any, split: str = "train") -> list[Record]:
     raise DataError(f"{path}: unsupported file type {suffix!r}; expected .jsonl, .json, .parquet, .csv or a directory")
 
 
+TEXT_SUFFIXES = (".jsonl", ".json", ".csv")
+
+
+def text_file_problem(path: Path, chunk_size: int = 1 << 20) -> str | None:
+    """What makes a JSONL/JSON/CSV file unreadable before any record is parsed: no text at all, or bytes that
+    are not UTF-8 (the line and byte offset named). Streams the file, so it is cheap to run at start-up."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    newlines, offset, blank = 0, 0, True
+    with Path(path).open("rb") as f:
+        while True:
+            chunk = f.read(chunk_size)
+            pending = decoder.getstate()[0]  # an incomplete character carried over from the previous chunk
+            try:
+                text = decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as e:
+                start = offset - len(pending) + e.start
+                line = newlines + chunk[: max(0, e.start - len(pending))].count(b"\n") + 1
+                bad = (pending + chunk)[e.start]
+                return f"line {line}: not UTF-8 text (byte {start} is 0x{bad:02x}: {e.reason}); save the file as UTF-8"
+            blank = blank and not text.lstrip("\ufeff").strip()
+            if not chunk:
+                break
+            newlines += chunk.count(b"\n")
+            offset += len(chunk)
+    return "the file is empty" if blank else None
+
+
+def _read_text(path: Path) -> str:
+    """The file as UTF-8 text (a leading byte-order mark dropped); bytes that are not UTF-8 are an error naming
+    the line and the byte offset."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte {e.start} is 0x{data[e.start]:02x}: {e.reason}); "
+                        "save the file as UTF-8") from None
+
+
 def _read_jsonl(path: Path) -> list[Record]:
     records = []
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{number}: malformed JSON ({e.msg} at column {e.colno})") from None
-            records.append(_as_record(row, f"{path}:{number}"))
+    for number, line in enumerate(_read_text(path).split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{number}: malformed JSON ({e.msg} at column {e.colno})") from None
+        records.append(_as_record(row, f"{path}:{number}"))
     return records
 
 
 def _read_csv(path: Path) -> list[Record]:
     records, line = [], 2  # the header is line 1
-    with path.open(newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        for row in reader:
-            records.append(Record(dict(row), f"{path}:line {line}"))
-            line = reader.line_num + 1  # a quoted cell may span several lines
+    reader = csv.DictReader(io.StringIO(_read_text(path), newline=""))
+    for row in reader:
+        records.append(Record(dict(row), f"{path}:line {line}"))
+        line = reader.line_num + 1  # a quoted cell may span several lines
     return records
 
 
 def _read_json(path: Path) -> list[Record]:
     try:
-        rows = json.loads(path.read_text(encoding="utf-8"))
+        rows = json.loads(_read_text(path))
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
     if isinstance(rows, dict) and isinstance(rows.get("data"), list):

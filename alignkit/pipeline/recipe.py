@@ -264,7 +264,24 @@ def full_config(stage: Stage, source: str, resume: bool = False):
         raise ValueError(str(e).removeprefix("alignkit: error: ")) from None
 
 
+def validated(stage: Stage, config, source: str, pending: bool = False):
+    """``config`` after ``alignkit.config.validate`` (ranges, choices, model and data locations), errors named by
+    recipe, stage and option. ``pending``: before the run, an option that reads an earlier stage's output (not
+    written yet) is checked when its stage starts."""
+    from alignkit.config import OptionError, validate
+
+    try:
+        validate(config)
+    except OptionError as e:
+        if pending and "${" in str(stage.options.get(e.name, "")):
+            return config
+        raise ValueError(e.describe(f"{source}: stages.{stage.name}.{e.name}")) from None
+    except ValueError as e:  # a config's cross-option check()
+        raise ValueError(f"{source}: stages.{stage.name}: {e}") from None
+    return config
+
+
 def check_builds(recipe: Recipe) -> None:
-    """Every stage's config can be built (types and names), before anything runs."""
+    """Every stage's config builds and validates (types, names, values), before anything runs."""
     for stage in recipe.stages:
-        full_config(stage, recipe.source)
+        validated(stage, full_config(stage, recipe.source), recipe.source, pending=True)

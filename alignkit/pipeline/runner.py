@@ -35,7 +35,7 @@ import yaml
 
 from alignkit.pipeline.commands import OUTPUTS, command_spec
 from alignkit.pipeline.hashing import stage_hash
-from alignkit.pipeline.recipe import Recipe, Stage, as_dict, check_builds, full_config
+from alignkit.pipeline.recipe import Recipe, Stage, as_dict, check_builds, full_config, validated
 
 
 @dataclass
@@ -147,7 +147,7 @@ def run_stage(recipe: Recipe, stage: Stage, digest: str, echo: bool = True) -> s
     stage.dir.mkdir(parents=True, exist_ok=True)
     _write_atomic(stage.dir / ".started", digest)
     module, _, entry = command_spec(stage.command)
-    config = full_config(stage, recipe.source, resume=resume)
+    config = validated(stage, full_config(stage, recipe.source, resume=resume), recipe.source)
     _reset_rngs()
     log = stage.dir / "log.txt"
     with _logged(log, echo):

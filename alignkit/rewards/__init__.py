@@ -2,7 +2,9 @@
 
 import importlib
 import inspect
+import re
 from pathlib import Path
+from urllib.parse import urlparse
 
 from alignkit.rewards.base import RewardSource
 from alignkit.rewards.functions import (
@@ -28,6 +30,7 @@ __all__ = [
     "load_reward",
     "normalize_answer",
     "regex_reward",
+    "reward_spec_problem",
     "sequence_scores",
     "tokenizer_fingerprint",
     "vader_sentiment",
@@ -43,8 +46,55 @@ SPECS = """\
   module:function   a Python function completion -> float, or a reward source (object or class)"""
 
 
+def reward_spec_problem(spec: str) -> str | None:
+    """What is wrong with a reward spec, checked at start-up without loading a model or calling a server (a
+    ``module:function`` is imported); None when it is well-formed. One line, for ``--reward``."""
+    kind, _, arg = spec.partition(":")
+    if spec in ("vader", "exact"):
+        return None
+    if kind == "length" and arg:
+        return None if arg.lstrip("-").isdigit() else "length:N needs an integer N (the target number of words)"
+    if kind == "regex" and arg:
+        try:
+            re.compile(arg)
+        except re.error as e:
+            return f"invalid regular expression ({e})"
+        return None
+    if spec.startswith(("http://", "https://")):
+        return None if urlparse(spec).netloc else "expected http(s)://host[:port]/path"
+    if Path(spec).is_dir():
+        return None
+    if _MODULE_FUNCTION.fullmatch(spec):
+        try:
+            _import_object(kind, arg)
+        except ValueError as e:
+            return str(e)
+        return None
+    if spec.startswith(("/", ".", "~")) or "/" in spec:
+        return "no such reward-model directory"
+    return "unknown reward; expected " + ", ".join(line.split()[0] for line in SPECS.splitlines())
+
+
+_MODULE_FUNCTION = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
+
+
+def _import_object(module: str, attribute: str):
+    try:
+        obj = importlib.import_module(module)
+    except ImportError as e:
+        raise ValueError(f"cannot import module {module!r} ({e})") from None
+    for part in attribute.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"module {module!r} has no attribute {attribute!r}")
+        obj = getattr(obj, part)
+    return obj
+
+
 def load_reward(spec: str) -> RewardSource:
     """Resolve a command-line reward spec (one of ``SPECS``) to a reward source."""
+    problem = reward_spec_problem(spec)
+    if problem:
+        raise ValueError(f"reward {spec!r}: {problem}")
     kind, _, arg = spec.partition(":")
     if spec == "vader":
         return vader_sentiment
@@ -58,16 +108,12 @@ def load_reward(spec: str) -> RewardSource:
         return HTTPReward(spec)
     if Path(spec).is_dir():
         return RewardModelSource(spec)
-    if arg and kind.replace(".", "").replace("_", "").isalnum():
-        obj = importlib.import_module(kind)
-        for part in arg.split("."):
-            obj = getattr(obj, part)
-        # A plain function is a per-sample reward; a class is built with no arguments; any other
-        # callable object is taken as a batch source.
-        if inspect.isfunction(obj):
-            return FunctionReward(obj)
-        source = obj() if inspect.isclass(obj) else obj
-        if not callable(source):
-            raise TypeError(f"reward {spec!r} is not callable")
-        return source
-    raise ValueError(f"unknown reward {spec!r}; expected one of:\n{SPECS}")
+    obj = _import_object(kind, arg)
+    # A plain function is a per-sample reward; a class is built with no arguments; any other
+    # callable object is taken as a batch source.
+    if inspect.isfunction(obj):
+        return FunctionReward(obj)
+    source = obj() if inspect.isclass(obj) else obj
+    if not callable(source):
+        raise ValueError(f"reward {spec!r} is not callable")
+    return source

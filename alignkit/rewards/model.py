@@ -63,6 +63,27 @@ def sequence_scores(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
     return logits[:, 0].float()
 
 
+def reward_input_ids(ids: list[int], tokenizer: Any) -> list[int]:
+    """The one rule for where a reward model reads a (prompt, completion): at the end-of-sequence token that
+    closes the completion. Used alike by reward-model training (``alignkit rm``), the same-tokenizer fast path
+    (rollout ids) and the text bridge (re-tokenised text), so a completion gets one score whichever path it takes:
+
+    - whitespace-only tokens after a final EOS are dropped (a chat template's newline after ``<|im_end|>``,
+      which a rollout that stops at ``<|im_end|>`` never produces);
+    - EOS is appended when the sequence does not end with one (plain-text rendering; a response cut at
+      ``max_new_tokens``, scored as if it had ended there, as its decoded text would be).
+    Tokenizers without an EOS token (BERT-style encoders, read at [CLS]) are left alone."""
+    eos = tokenizer.eos_token_id
+    if eos is None or not ids:
+        return list(ids)
+    end = len(ids)
+    while end > 0 and ids[end - 1] != eos and not tokenizer.decode([ids[end - 1]]).strip():
+        end -= 1
+    if end > 0 and ids[end - 1] == eos:
+        return list(ids[:end])
+    return [*ids, eos]
+
+
 class RewardModelSource:
     """Score (prompt, completion) pairs with a reward model.
 
@@ -84,19 +105,10 @@ class RewardModelSource:
         bf16: bool = False,
     ):
         if isinstance(model, str | os.PathLike):
-            from transformers import AutoModelForSequenceClassification, AutoTokenizer
+            from alignkit.models import load_sequence_classifier
 
-            from alignkit.models import resolve
-
-            path = resolve(str(model))
-            tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(path)
-            if os.path.exists(os.path.join(path, "adapter_config.json")):
-                # a LoRA reward model: the plain class would drop the trained adapter and score head
-                from peft import AutoPeftModelForSequenceClassification
-
-                model = AutoPeftModelForSequenceClassification.from_pretrained(path, num_labels=1).merge_and_unload()
-            else:
-                model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
+            model, own_tokenizer = load_sequence_classifier(str(model))  # a LoRA reward model comes merged
+            tokenizer = tokenizer if tokenizer is not None else own_tokenizer
         if tokenizer is None:
             raise ValueError("a loaded reward model needs its tokenizer")
         self.model = model.eval()
@@ -167,6 +179,7 @@ class RewardModelSource:
 
     @torch.no_grad()
     def _score(self, ids: list[list[int]]) -> torch.Tensor:
+        ids = [reward_input_ids(row, self.tokenizer) for row in ids]
         # Sorting by length keeps padding small inside each batch; results go back in input order.
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
         scores = torch.empty(len(ids), dtype=torch.float32)
