@@ -1,11 +1,14 @@
-# Two entry points: `make demo` (a real LoRA SFT run on the bundled SmolLM2-135M) and `make test`.
+# Two entry points: `make demo` (`alignkit quickstart`: DPO on the bundled SmolLM2-135M towards positive movie
+# reviews, evaluated before/after, with an HTML report) and `make test`.
 # Both create .venv and install what is needed on first use; later runs reuse it.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.alignkit-installed
 
-.PHONY: demo test lint bench-rollout clean-venv
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo -n)
+
+.PHONY: demo test lint browser bench-rollout clean-venv
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,10 +21,16 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m alignkit.demo
+	$(BIN)/alignkit quickstart
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(BIN)/python -m pytest
+
+# headless Chromium (Debian package) for the report's real-browser test; without root/apt that test is skipped
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium >/dev/null; } || \
+	  echo "could not install chromium: tests/test_report.py's browser test will be skipped"
 
 lint: $(STAMP)
 	$(BIN)/ruff check alignkit tests bench

@@ -41,6 +41,16 @@ ALGORITHMS = {
     "serve": ("alignkit.serve", "ServeConfig", "run", "OpenAI-compatible HTTP server (completions, chat, logprobs, streaming)"),
 }
 
+# commands with their own argument parsers: name -> (module, add-flags function, entry function, one-line help)
+TOOLS = {
+    "run": ("alignkit.pipeline", "add_run_flags", "run_cli",
+            "run a recipe: stages in order, unchanged ones skipped, killed ones resumed"),
+    "report": ("alignkit.report", "add_report_flags", "report_cli",
+               "HTML report of run directories: curves, reward vs KL, win rates, samples side by side"),
+    "quickstart": ("alignkit.pipeline.quickstart", "add_quickstart_flags", "quickstart_cli",
+                   "5-minute alignment demo: sample, DPO with LoRA, evaluate before/after, report"),
+}
+
 
 def _fields(cls) -> list[tuple[str, dataclasses.Field, Any, str | None]]:
     """(name, field, resolved type, group) for every leaf field, nested config dataclasses flattened."""
@@ -148,6 +158,10 @@ def main(argv: list[str] | None = None) -> int:
 
     add_generate_flags(gen)
     gen.set_defaults(_run=_generate)
+    for name, (module, add_flags, entry, help_text) in TOOLS.items():
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        getattr(importlib.import_module(module), add_flags)(sub)
+        sub.set_defaults(_run=getattr(importlib.import_module(module), entry))
     args = parser.parse_args(argv)
 
     from alignkit.config import OptionError, validate

@@ -21,6 +21,7 @@ The reference: ``--reference`` when given; else, for a LoRA run, the base model 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,7 +47,7 @@ class EvalConfig:
                          check=model_location)
     max_prompts: int = arg(0, "evaluate only the first N prompts; 0: all", check=at_least(0))
     seed: int = arg(1234, "sampling seed (the same seed gives the same random stream for every model)")
-    output: str = arg("", "also write the metrics as JSON to this file")
+    output: str = arg("", "also write the metrics as JSON to this file, and every sample to <its stem>.samples.jsonl")
 
 
 def policy_and_reference(model, reference: str, temperature: float, batch_size: int = 16):
@@ -65,13 +66,29 @@ def run(cfg: EvalConfig) -> dict[str, float]:
     prompts = prompts_of(cfg.data, tokenizer, cfg.max_prompts, "evaluate")
     reward = load_reward(cfg.rollout.reward)
     ref_fn = policy_and_reference(model, cfg.reference, cfg.rollout.temperature)
+    samples: list[dict] = []
     metrics = evaluate_policy(model, tokenizer, prompts, reward, cfg.rollout.sampling(), ref_fn, seed=cfg.seed,
-                              samples_per_prompt=cfg.rollout.group_size, batch_prompts=cfg.rollout.prompts_per_step)
+                              samples_per_prompt=cfg.rollout.group_size, batch_prompts=cfg.rollout.prompts_per_step,
+                              samples=samples)
     metrics = {k.removeprefix("eval/"): v for k, v in metrics.items()}
     metrics.update(prompts=len(prompts), samples=len(prompts) * cfg.rollout.group_size)
     print(f"{cfg.model.model}: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                                              for k, v in metrics.items()))
     if cfg.output:
-        Path(cfg.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(cfg.output).write_text(json.dumps({"model": cfg.model.model, "reward": cfg.rollout.reward, **metrics}, indent=2))
+        out = Path(cfg.output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _write_atomic(samples_path(out), "".join(json.dumps(s) + "\n" for s in samples))
+        _write_atomic(out, json.dumps({"model": cfg.model.model, "reward": cfg.rollout.reward, **metrics}, indent=2))
     return metrics
+
+
+def samples_path(output: str | Path) -> Path:
+    """Where ``evaluate --output X.json`` writes its samples: X.samples.jsonl beside it."""
+    output = Path(output)
+    return output.with_name(output.stem + ".samples.jsonl")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)

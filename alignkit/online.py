@@ -148,10 +148,11 @@ def rollout_metrics(scored: ScoredRollout, prefix: str = "") -> dict[str, float]
 @torch.no_grad()
 def evaluate_policy(model, tokenizer, prompts: list[PromptExample], reward: RewardSource, sampling: SamplingConfig,
                     ref_logps_fn=None, seed: int = 1234, samples_per_prompt: int = 1,
-                    batch_prompts: int = 0) -> dict[str, float]:
+                    batch_prompts: int = 0, samples: list[dict] | None = None) -> dict[str, float]:
     """Mean reward, distinct-2, length (and KL to the reference when ``ref_logps_fn`` is given) of
     ``samples_per_prompt`` samples per held-out prompt, drawn with a fixed seed so before/after numbers are
-    comparable; sampled ``batch_prompts`` prompts at a time (0: all at once)."""
+    comparable; sampled ``batch_prompts`` prompts at a time (0: all at once). ``samples``, when given, receives
+    one {prompt, completion, reward, length} record per sample (for reports)."""
     generator = torch.Generator().manual_seed(seed)
     step = batch_prompts or len(prompts)
     parts = [rollout_and_score(model, tokenizer, prompts[i : i + step], reward, sampling, samples_per_prompt, generator)
@@ -160,6 +161,10 @@ def evaluate_policy(model, tokenizer, prompts: list[PromptExample], reward: Rewa
     scored = ScoredRollout(concat_rollouts([p.rollout for p in parts]), [q for p in parts for q in p.prompts], texts,
                            torch.cat([p.rewards for p in parts]))
     metrics = rollout_metrics(scored, prefix="eval/")
+    if samples is not None:
+        lengths = scored.rollout.response_mask.sum(-1).tolist()
+        samples.extend({"prompt": p.prompt, "completion": t, "reward": float(r), "length": int(n)}
+                       for p, t, r, n in zip(scored.prompts, texts, scored.rewards.tolist(), lengths))
     if ref_logps_fn is not None:
         kls = []
         for part in parts:

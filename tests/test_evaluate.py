@@ -78,3 +78,16 @@ def test_cli_writes_json(tiny_model_dir, prompts, tmp_path):
     assert code == 0
     saved = json.loads(out.read_text())
     assert saved["samples"] == 10 and saved["reward"] == "length:6" and "reward/mean" in saved
+
+
+def test_output_json_and_samples_round_trip(tiny_model_dir, prompts, tmp_path):
+    """--output X.json also writes X.samples.jsonl: one record per sample whose rewards and lengths average to
+    the reported reward/mean and response/length."""
+    out = tmp_path / "eval" / "base.json"
+    metrics = run(_config(str(tiny_model_dir), prompts, output=str(out)))
+    saved = json.loads(out.read_text())
+    samples = [json.loads(line) for line in (tmp_path / "eval" / "base.samples.jsonl").read_text().splitlines()]
+    assert saved["reward/mean"] == pytest.approx(metrics["reward/mean"])
+    assert len(samples) == 5 * 3 and [s["prompt"] for s in samples[:3]] == ["Review number 0:"] * 3
+    assert sum(s["reward"] for s in samples) / 15 == pytest.approx(metrics["reward/mean"], abs=1e-6)
+    assert sum(s["length"] for s in samples) / 15 == pytest.approx(metrics["response/length"], abs=1e-6)
