@@ -70,8 +70,7 @@ def load_reward_model(name_or_path: str, lora: LoraSettings | None = None, trust
     _distinct_pad(unwrap(model), tokenizer)
     if lora is not None and not hasattr(model, "peft_config"):
         model = _add_lora(model, lora)
-    model.eval()  # dropout off (as TRL's disable_dropout): the same pair always gets the same reward
-    return model, tokenizer
+    return model.eval(), tokenizer  # dropout off (as TRL's disable_dropout): the same pair gets the same reward
 
 
 def _add_lora(model, lora: LoraSettings):

@@ -25,6 +25,14 @@ def _pyplot():
     return plt
 
 
+def _save(fig, path: Path) -> Path:
+    """Lay out, write (PNG, 90 dpi) and free a figure."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    _pyplot().close(fig)
+    return path
+
+
 def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]+", "_", text).strip("_") or "run"
 
@@ -58,11 +66,7 @@ def plot_curve(curve: Curve, out: Path) -> Path | None:
     for ax in list(axes.flat)[len(keys):]:
         ax.axis("off")
     fig.suptitle(curve.label, fontsize=11)
-    fig.tight_layout()
-    path = out / f"curves_{slug(curve.label)}.png"
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return _save(fig, out / f"curves_{slug(curve.label)}.png")
 
 
 def plot_frontier(evaluations: list[Evaluation], best_of_n: list[BestOfN], out: Path) -> Path | None:
@@ -90,11 +94,7 @@ def plot_frontier(evaluations: list[Evaluation], best_of_n: list[BestOfN], out: 
     ax.set_title("reward vs KL")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = out / "frontier.png"
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "frontier.png")
 
 
 def plot_behaviour(evaluations: list[Evaluation], out: Path) -> Path | None:
@@ -113,11 +113,7 @@ def plot_behaviour(evaluations: list[Evaluation], out: Path) -> Path | None:
         ax.invert_yaxis()
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3, axis="x")
-    fig.tight_layout()
-    path = out / "behaviour.png"
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "behaviour.png")
 
 
 def plot_win_rates(rates: list[WinRate], out: Path) -> Path | None:
@@ -133,8 +129,4 @@ def plot_win_rates(rates: list[WinRate], out: Path) -> Path | None:
     ax.set_xlim(0, 1)
     ax.set_xlabel("win rate against the baseline")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = out / "win_rates.png"
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "win_rates.png")
