@@ -40,8 +40,10 @@ def lm():
 @pytest.fixture(scope="module")
 def server(lm):
     model, tokenizer = lm
+    # fp32 pinned: greedy == HF generate and log-probs == a direct forward are exactness claims (a native-bf16
+    # CPU would otherwise sample in bf16 under dtype auto)
     app = create_app(model, tokenizer, ServeConfig(model=NAME, max_tokens_cap=64, max_body_bytes=20_000,
-                                                    batch_wait_ms=20))
+                                                    batch_wait_ms=20, dtype="fp32"))
     with serving(app) as url:
         yield url, app
 
