@@ -599,3 +599,25 @@ def test_http_judge_sends_the_api_key_from_the_environment_and_retries_then_fail
                  "--output-dir", str(tmp_path / "o")]) == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith(f"alignkit: error: --judge {url}|tiny: ") and "unreachable after 1 attempts" in err
+
+
+def test_hard_labels_keep_the_winner_and_drop_ties(tmp_path):
+    """--labels hard: label 1 for the judge's winner (its P kept in the metadata), ties (P = ½) dropped; soft keeps
+    P itself. The VADER judge is Bradley–Terry on VADER's compound score: a tie when both responses score 0."""
+    data = write_jsonl(tmp_path / "d.jsonl", [
+        {"prompt": "The film", "responses": ["was awful and boring.", "was a wonderful delight."]},
+        {"prompt": "The plot", "responses": ["is a table.", "is a chair."]}])  # both VADER 0: a tie
+    soft, hard = tmp_path / "soft", tmp_path / "hard"
+    assert main(["label", "--data", str(data), "--judge", "reward:vader", "--output-dir", str(soft)]) == 0
+    assert main(["label", "--data", str(data), "--judge", "reward:vader", "--labels", "hard",
+                 "--output-dir", str(hard)]) == 0
+    soft_rows = [json.loads(line) for line in (soft / "pairs.jsonl").read_text().splitlines()]
+    hard_rows = [json.loads(line) for line in (hard / "pairs.jsonl").read_text().splitlines()]
+    assert [r["label"] for r in soft_rows][1] == 0.5 and 0.5 < soft_rows[0]["label"] < 1.0
+    assert len(hard_rows) == 1 and hard_rows[0]["label"] == 1.0
+    assert hard_rows[0]["chosen"] == "was a wonderful delight." == soft_rows[0]["chosen"]
+    assert hard_rows[0]["judge"]["p"] == pytest.approx(soft_rows[0]["label"])
+    summary = json.loads((hard / "summary.json").read_text())
+    assert summary["labels"] == "hard" and summary["dropped_below_min_label"] == 1
+    assert main(["label", "--data", str(data), "--judge", "reward:vader", "--labels", "firm",
+                 "--output-dir", str(tmp_path / "x")]) == 1

@@ -50,6 +50,9 @@ class LabelConfig:
     cot_tokens: int = arg(64, "longest rationale in tokens (with --cot)")
     pairs: str = arg("adjacent", "pairs of K responses: adjacent (i vs i+1) | all (every i < j)")
     min_label: float = arg(0.5, "keep only pairs whose label (P(chosen preferred)) is at least this")
+    labels: str = arg("soft", "soft: label = P(chosen preferred); hard: label 1 for the judge's winner, ties (P = ½) "
+                              "dropped (RLAIF compares both; hard labels are what a human annotator gives)",
+                      choices=("soft", "hard"))
     ground_truth: str = arg("", "a reward spec (e.g. vader) to measure the judge's agreement with; empty: none")
     output_dir: str = arg("runs/label", "pairs.jsonl, summary.json and the judge cache go here")
     cache: str = arg("", "judge cache (sqlite); empty: OUTPUT_DIR/judge_cache.sqlite")
@@ -237,17 +240,18 @@ def label(cfg: LabelConfig) -> Path:
         first_is_chosen = v.p_a >= 0.5
         chosen, rejected = (x, y) if first_is_chosen else (y, x)
         p = v.p_a if first_is_chosen else 1 - v.p_a
-        if p < cfg.min_label:
+        if p < cfg.min_label or (cfg.labels == "hard" and p == 0.5):
             dropped += 1
             continue
         meta = {"name": v.judge, "principle": v.principle,
                 # P(chosen preferred) with chosen shown first, and with chosen shown second
                 "p_chosen_first": v.p_ab if first_is_chosen else 1 - v.p_ba,
                 "p_chosen_second": v.p_ba if first_is_chosen else 1 - v.p_ab,
-                "consistent": v.consistent}
+                "consistent": v.consistent, "p": p}
         if cfg.cot:  # rationale with chosen shown first, then with chosen shown second
             meta["rationales"] = [v.rationale, v.rationale_ba] if first_is_chosen else [v.rationale_ba, v.rationale]
-        rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "label": p, "judge": meta})
+        rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected,
+                     "label": 1.0 if cfg.labels == "hard" else p, "judge": meta})
 
     truth = None
     if cfg.ground_truth:
@@ -257,7 +261,7 @@ def label(cfg: LabelConfig) -> Path:
         scores = reward([prompt_text(p) if isinstance(p, list) else p for p in prompts] * 2, texts_a + texts_b).tolist()
         truth = [ra - rb for ra, rb in zip(scores[: len(prompts)], scores[len(prompts) :], strict=True)]
     summary = {"judge": judge.name, "principle": cfg.principle if not cfg.ensemble else f"ensemble:{cfg.ensemble}",
-               "prompts": len(candidates), "pairs_written": len(rows), "dropped_below_min_label": dropped,
+               "prompts": len(candidates), "pairs_written": len(rows), "labels": cfg.labels, "dropped_below_min_label": dropped,
                "skipped_identical": skipped_identical, "judge_calls": getattr(judge, "calls", None) or
                getattr(getattr(judge, "judge", None), "calls", None),
                **judge_report(verdicts, texts_a, texts_b, truth)}
