@@ -330,3 +330,21 @@ def test_cli_yaml_steps_list(tmp_path):
     manifest = read_jsonl(tmp_path / "out" / "manifest.jsonl")
     assert [(m["step"], m["rule"]) for m in manifest] == [("exact", "duplicate"), ("quality", "junk")]
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["config"]["steps"] == "quality,exact"
+
+
+def test_random_pick_is_a_seeded_uniform_sample_without_embeddings(tmp_path):
+    """--pick random: the baseline arm of a curation study: exactly the budget, the same rows under the same seed,
+    other rows under another, and no encoder call."""
+    rows = [{"prompt": f"Q{i}", "completion": f"answer number {i}"} for i in range(200)]
+    data = write_jsonl(tmp_path / "r.jsonl", rows)
+
+    def kept(seed: int, name: str) -> list[str]:
+        summary = run(CurateConfig(data=str(data), output_dir=str(tmp_path / name), steps="select", fraction=0.05,
+                                   pick="random", seed=seed, cache_dir=str(tmp_path / "cache")))
+        assert summary["timings"].get("encoder_calls", 0) == 0
+        return [r["prompt"] for r in read_jsonl(tmp_path / name / "curated.jsonl")]
+
+    a, b, c = kept(0, "a"), kept(0, "b"), kept(1, "c")
+    assert len(a) == 10 and a == b and a != c
+    manifest = read_jsonl(tmp_path / "a" / "manifest.jsonl")
+    assert len(manifest) == 190 and {m["rule"] for m in manifest} == {"not_selected"}

@@ -59,7 +59,8 @@ class CurateConfig:
     fraction: float = arg(0.0, "select: keep this fraction of the input rows (e.g. 0.005)")
     count: int = arg(0, "select: keep this many rows (instead of --fraction)")
     clusters: int = arg(0, "select: K-means clusters; 0: min(budget, ceil(sqrt(rows)))")
-    pick: str = arg("centroid", "select: per-cluster pick: centroid, kcenter, or quality (needs the score step first)")
+    pick: str = arg("centroid", "select: per-cluster pick: centroid, kcenter, quality (needs the score step first), "
+                                "or random (a uniform sample of the budget, no clustering: the baseline)")
     kmeans: str = arg("faiss", "K-means library: faiss or sklearn")
     embedder: str = arg("minilm", "embeddings: minilm (bundled all-MiniLM-L6-v2) or causal:MODEL (mean-pooled last hidden states)")
     embed_max_length: int = arg(256, "embeddings: tokens per text (longer texts are cut for embedding only)")
@@ -113,8 +114,8 @@ def check(cfg: CurateConfig) -> None:
         raise ValueError("--steps score: needs --score (a reward source)")
     if cfg.score and "score" not in steps:
         raise ValueError("--score: add 'score' to --steps")
-    if cfg.pick not in PICKS:
-        raise ValueError(f"--pick: expected one of {', '.join(PICKS)}, got {cfg.pick!r}")
+    if cfg.pick not in (*PICKS, "random"):
+        raise ValueError(f"--pick: expected one of {', '.join(PICKS)}, random, got {cfg.pick!r}")
     if cfg.pick == "quality" and "select" in steps and ("score" not in steps or steps.index("score") > steps.index("select")):
         raise ValueError("--pick quality: needs the 'score' step before 'select' in --steps")
     if cfg.length_unit != "words" and not (cfg.length_unit.startswith("tokens:") and len(cfg.length_unit) > len("tokens:")):
@@ -244,6 +245,10 @@ def step_select(c: Curation) -> dict[int, Drop]:
     budget = cfg.count or max(1, math.ceil(cfg.fraction * len(c.records)))
     if budget >= len(c.alive):
         return {}
+    if cfg.pick == "random":  # the baseline a core-set must beat: same budget, no embeddings
+        chosen = np.random.default_rng(cfg.seed).choice(len(c.alive), budget, replace=False)
+        keep = {c.alive[p] for p in chosen}
+        return {i: Drop("select", "not_selected", f"random sample of {budget}") for i in c.alive if i not in keep}
     x = c.embeddings(c.alive)
     k = cfg.clusters or min(budget, math.ceil(math.sqrt(len(c.alive))))
     scores = c.scores[c.alive] if cfg.pick == "quality" else None
