@@ -8,8 +8,8 @@ AK=${AK:-.venv/bin/alignkit}
 PY=${PY:-.venv/bin/python}
 OUT=runs/curation_study
 [ -f "$OUT/pool_samples/bon.jsonl" ] || $AK bon --model smollm2-135m --data bundled:movie_prompts_train \
-  --reward vader --group-size 8 --max-new-tokens 48 --prompts-per-step 25 --output-dir "$OUT/pool_samples"
+  --reward vader --group-size 4 --max-new-tokens 48 --prompts-per-step 50 --output-dir "$OUT/pool_samples"
 [ -f "$OUT/heldout_samples/bon.jsonl" ] || $AK bon --model smollm2-135m --data bundled:movie_prompts_test \
-  --reward vader --group-size 8 --max-new-tokens 48 --prompts-per-step 20 --output-dir "$OUT/heldout_samples"
+  --reward vader --group-size 8 --max-new-tokens 48 --prompts-per-step 40 --output-dir "$OUT/heldout_samples"
 $PY examples/make_curation_pool.py "$OUT/pool_samples/bon.jsonl" "$OUT/heldout_samples/bon.jsonl" "$OUT/pool"
 $AK run examples/curation_study.yaml "$@"
