@@ -6,7 +6,8 @@
 - grpo (sampling from the gathered policy, a sharded frozen reference, held-out evaluation with KL) and ppo (LoRA:
   value head, reference = adapter disabled) give what DDP gives with the same 2 processes and seeds, step by step.
   Not what 1 process gives: each process samples its own prompts from a generator seeded by its rank, so 1 process
-  draws other responses than 2 (as under DDP); the DDP path is itself tested against 1 process.
+  draws other responses than 2 (as under DDP). What sharding changes (where the weights live, when they are
+  gathered) is thereby tested on its own: DDP holds whole weights everywhere.
 """
 
 from __future__ import annotations
