@@ -19,8 +19,8 @@ import re
 import shutil
 import sys
 import time
-from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -158,6 +158,8 @@ class Engine:
         if getattr(train_module, "_no_split_modules", None) is None:
             train_module._no_split_modules = getattr(unwrap(model), "_no_split_modules", None)
         self.fsdp_on_cpu = _fsdp_on_cpu(self.accelerator)
+        if self.fsdp_on_cpu or self.accelerator.distributed_type == DistributedType.FSDP:
+            self._same_start(train_module)
         if self.fsdp_on_cpu:
             shard_fsdp2(train_module)  # before the optimizer: it must hold the sharded parameters
         params = [p for p in train_module.parameters() if p.requires_grad]
@@ -182,7 +184,22 @@ class Engine:
             self.accelerator.init_trackers("alignkit", config=_flat_scalars(self.run_config))
         self._bar = None
         self._started = time.time()
+        self._gathered_depth = 0
+        self._frozen: list[torch.nn.Module] = []  # sharded read-only modules (references), resharded with the policy
         self.derived_metrics: dict[str, Callable[[dict[str, float]], float]] = {}
+
+    def _same_start(self, module: torch.nn.Module) -> None:
+        """Every process takes rank 0's initial weights (one broadcast per tensor). Fresh random parts (a LoRA
+        adapter, a value or score head) are drawn by each process from its own random state; DDP broadcasts rank
+        0's module when it wraps it, but FSDP shards whatever each process holds, so without this the shards of
+        one weight would come from different initialisations."""
+        if self.world_size == 1:
+            return
+        for tensor in [*module.parameters(), *module.buffers()]:
+            on_device = tensor.data.to(self.device)
+            torch.distributed.broadcast(on_device, src=0)
+            if on_device is not tensor.data:
+                tensor.data.copy_(on_device)
 
     # ------------------------------------------------------------------------------------------ properties
     @property
@@ -213,6 +230,82 @@ class Engine:
     def sharded(self) -> bool:
         """True under FSDP: each process holds a shard of every weight (DTensor parameters)."""
         return any(isinstance(p, DTensor) for p in self.params)
+
+    # ------------------------------------------------------------------- passes outside the training step
+    def no_grad_module(self, plain: torch.nn.Module) -> torch.nn.Module:
+        """The module for no-grad passes (reference log-probs, eval loss) of the policy: under FSDP the sharded
+        training module itself, whose forward gathers one unit at a time, as in training (every process must then
+        make the same number of calls: the callers iterate over data shared by all processes); else ``plain``
+        (the same computation without the DDP wrapper and its per-forward buffer broadcast)."""
+        return self.module if self.sharded else plain
+
+    @contextmanager
+    def inference(self) -> Iterator[None]:
+        """No-grad passes through ``no_grad_module``/``frozen`` modules. Under FSDP every unit is resharded after:
+        FSDP2 keeps its root unit gathered after a forward (it expects the backward next), and gathered weights
+        left behind would be what a later save reads or a resume writes, not the sharded ones the optimizer owns."""
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            self.reshard()
+
+    def reshard(self) -> None:
+        """Free every gathered FSDP unit of the policy and of the frozen modules (no-op elsewhere)."""
+        if self.sharded:
+            for unit in _fsdp_units(self.module, *self._frozen):
+                unit.reshard()
+
+    def frozen(self, module: torch.nn.Module) -> torch.nn.Module:
+        """A module that is only read, e.g. a reference model, placed like the policy: under FSDP sharded as well
+        (FSDP2 over the processes, every unit freed after its forward, root included since no backward follows),
+        so it costs 1/N of its weights per process instead of a whole copy, which under FSDP would outweigh the
+        policy's own 16/N bytes per parameter (weights, gradients, AdamW moments) from N = 4 processes on. Its
+        passes are collectives: every process must call it equally often. Elsewhere moved to the device."""
+        module.requires_grad_(False).eval()
+        if not self.sharded:
+            return module.to(self.device)
+        if getattr(module, "_no_split_modules", None) is None:
+            module._no_split_modules = getattr(unwrap(getattr(module, "lm", module)), "_no_split_modules", None)
+        shard_fsdp2(module, reshard_root=True)
+        self._frozen.append(module)
+        return module
+
+    @contextmanager
+    def gathered(self) -> Iterator[None]:
+        """The policy's whole weights in place for passes outside the training forward that cannot be collectives:
+        sampling (each process decodes its own prompts for its own number of steps) and the evaluation passes
+        around it. torch's FSDP2 has no summon_full_params; this is its equivalent: every unit is all-gathered
+        (``unshard``) and set not to reshard after forward, so the units' forward hooks find their weights
+        gathered and do nothing (no collective); on exit every unit is resharded and its setting restored.
+        LoRA adapters are gathered with the blocks they sit in, so sampling sees base + adapter. Costs the
+        whole weights per process for the duration, as a DDP replica would. Nests; no-op when not sharded."""
+        if not self.sharded or self._gathered_depth:
+            self._gathered_depth += 1
+            try:
+                yield
+            finally:
+                self._gathered_depth -= 1
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        # FSDP2 makes the first unit to run a forward its root; a block running first here would claim that
+        fully_shard.state(self.module)._lazy_init()
+        units = _fsdp_units(self.module)
+        # FSDP2 has no getter for a unit's reshard-after-forward setting: keep the groups' own values to restore
+        saved = [(group, group.post_forward_mesh_info) for unit in units for group in fully_shard.state(unit)._fsdp_param_groups]
+        self._gathered_depth = 1
+        try:
+            for unit in units:
+                unit.set_reshard_after_forward(False, recurse=False)
+                unit.unshard()
+            yield
+        finally:
+            self._gathered_depth = 0
+            for unit in units:
+                unit.reshard()
+            for group, info in saved:
+                group.post_forward_mesh_info = info
 
     def all_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """``tensor`` summed over all processes (an all-reduce: every process must call it); itself in one process.
@@ -424,6 +517,7 @@ class Engine:
         Written to a temporary directory and renamed, so a killed run never leaves half a checkpoint."""
         target = self.output_dir / f"checkpoint-{self.step}"
         self.accelerator.wait_for_everyone()
+        self.reshard()  # the sharded parameters are the ones the optimizer updates: read those
         gathered, optimizer_state = self._gather(), self._optimizer_state()  # collectives under FSDP
         if self.is_main:
 
@@ -455,6 +549,7 @@ class Engine:
     def save_final(self) -> Path:
         target = self.output_dir / "final"
         self.accelerator.wait_for_everyone()
+        self.reshard()
         gathered = self._gather()
         if self.is_main:
             if target.exists():
@@ -466,6 +561,7 @@ class Engine:
     def resume(self) -> int:
         """Restore weights, optimizer, scheduler, RNG and step from the newest checkpoint (if any)."""
         checkpoint = self.latest_checkpoint()
+        self.reshard()  # weights are loaded into the shards; a gathered copy would be left stale
         if checkpoint is None:
             if self.is_main:
                 print(f"alignkit: no checkpoint in {self.output_dir}; starting from scratch", file=sys.stderr)
@@ -549,18 +645,32 @@ def _fsdp_on_cpu(accelerator: Accelerator) -> bool:
     return requested and accelerator.distributed_type == DistributedType.MULTI_CPU
 
 
-def shard_fsdp2(module: torch.nn.Module) -> None:
+def shard_fsdp2(module: torch.nn.Module, reshard_root: bool | None = None) -> None:
     """torch FSDP2 (``fully_shard``) as accelerate's TRANSFORMER_BASED_WRAP does it: every transformer block (the
     classes in ``module._no_split_modules``) is one unit, gathered just before its forward and backward and freed
     after; the root unit holds the rest (embeddings, tied head, value head). Parameters become DTensors sharded on
-    dim 0 over the processes, and gradients are reduce-scattered (averaged), as DDP averages them."""
+    dim 0 over the processes, and gradients are reduce-scattered (averaged), as DDP averages them.
+    ``reshard_root`` None keeps the root gathered from forward to backward (training); True frees it after each
+    forward (a frozen module: no backward comes)."""
     from torch.distributed.fsdp import fully_shard
 
     blocks = set(getattr(module, "_no_split_modules", None) or [])
     for sub in module.modules():
         if type(sub).__name__ in blocks:
             fully_shard(sub)
-    fully_shard(module)
+    fully_shard(module, reshard_after_forward=reshard_root)
+
+
+def _fsdp_units(*roots: torch.nn.Module) -> list[torch.nn.Module]:
+    """Every FSDP2 unit (``fully_shard``-ed module) under ``roots``, each once."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units: dict[int, torch.nn.Module] = {}
+    for root in roots:
+        for sub in root.modules():
+            if isinstance(sub, FSDPModule):
+                units.setdefault(id(sub), sub)
+    return list(units.values())
 
 
 def _without_aliases(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -47,10 +47,9 @@ def token_logprobs(
     """
     backbone, head = _backbone_and_head(model)
     if isinstance(head.weight, DTensor):
-        # FSDP gathers the weights only inside the sharded training module's forward; this pass is outside it
-        raise ValueError("the policy is sharded (FSDP) and a reference or evaluation pass reads it outside the "
-                         "training forward: under FSDP use sft (without --eval-data) or rm; for the other commands "
-                         "use DDP or DeepSpeed ZeRO (examples/accelerate/ddp.yaml, zero2.yaml, zero3.yaml)")
+        # FSDP gathers the weights only inside the sharded module's forward, or within Engine.gathered()
+        raise RuntimeError("a pass reads FSDP-sharded weights outside the sharded module: call "
+                           "engine.no_grad_module(...) or run it inside engine.gathered()")
     hidden = backbone_hidden(backbone, input_ids, attention_mask, position_ids, shared_prefix)
     return logprobs_from_hidden(hidden, head, input_ids, target_mask, temperature, with_entropy)
 
@@ -59,12 +58,23 @@ def backbone_hidden(backbone, input_ids, attention_mask=None, position_ids=None,
     """Last hidden states (B, L, H). With ``shared_prefix`` n, consecutive rows whose first n columns (and mask)
     are equal run those columns once: their keys/values are computed for one row per group, repeated for the
     group (autograd flows through the repeat), and the remaining columns attend to them as a KV cache. For
-    GRPO's 4 samples per prompt that removes 3/4 of the prompt tokens from the forward and the backward."""
+    GRPO's 4 samples per prompt that removes 3/4 of the prompt tokens from the forward and the backward.
+
+    Under FSDP (blocks still sharded: each block's forward is an all-gather) the two-call path is taken on every
+    process when any process has a group to share (one all-reduce of that flag): how many forwards run must not
+    depend on one process's data, or the processes' gathers would not pair up. Without groups anywhere (e.g.
+    one sample per held-out prompt) the plain path stays, as in a gathered or unsharded pass of the same rows, so
+    a policy equal to its reference still shows a KL of exactly 0."""
     n = shared_prefix
     if n > 0 and attention_mask is not None and n < input_ids.shape[1]:
         prefix = torch.cat([input_ids[:, :n], attention_mask[:, :n].to(input_ids.dtype)], dim=1)
         _, group, counts = torch.unique_consecutive(prefix, dim=0, return_inverse=True, return_counts=True)
-        if counts.numel() < input_ids.shape[0]:
+        share = counts.numel() < input_ids.shape[0]
+        if any(isinstance(p, DTensor) for p in backbone.parameters()):
+            flag = torch.tensor([float(share)], device=input_ids.device)
+            torch.distributed.all_reduce(flag)
+            share = bool(flag.item() > 0)
+        if share:
             first = torch.cumsum(counts, 0) - counts  # the first row of each group
             positions = position_ids if position_ids is not None else \
                 (attention_mask.long().cumsum(-1) - 1).clamp(min=0)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -100,9 +100,8 @@ def rollout_and_score(
     """Sample ``group_size`` responses per prompt with the current policy and score each one."""
     if any(isinstance(p, DTensor) for p in model.parameters()):
         # each process samples its own prompts for a different number of steps, so the just-in-time gathers of
-        # sharded weights could never pair up across processes
-        raise ValueError("the policy is sharded (FSDP): sampling needs whole weights on every process; "
-                         "run online trainers under DDP or DeepSpeed ZeRO-2 (examples/accelerate/ddp.yaml, zero2.yaml)")
+        # sharded weights could never pair up across processes: the whole weights must be in place
+        raise RuntimeError("sampling from an FSDP-sharded policy: run it inside engine.gathered()")
     rows = [p for p in prompts for _ in range(group_size)]
     rollout = sample(model, [p.prompt_ids for p in rows], sampling, tokenizer=tokenizer, generator=generator)
     texts = tokenizer.batch_decode(rollout.response_ids.masked_fill(rollout.response_mask == 0, tokenizer.pad_token_id),
@@ -231,18 +230,37 @@ def batched_logprobs(module, rollout: Rollout, temperature: float, batch_size: i
     return out
 
 
+def initial_copy(model, lora: bool, path: str = ""):
+    """The reference of full fine-tuning: a frozen copy of the policy as it is now; None when the reference is
+    the model at ``path`` or (LoRA) the policy with its adapter disabled. Taken before the ``Engine`` is built:
+    under FSDP the engine shards the policy, and a sharded module cannot be copied."""
+    return None if path or lora else copy.deepcopy(model).requires_grad_(False)
+
+
 def reference_logprobs(model, lora: bool, path: str = "", temperature: float = 1.0, batch_size: int = 16,
-                       autocast=nullcontext, device: torch.device | None = None) -> Callable[[Rollout], torch.Tensor]:
+                       autocast=nullcontext, device: torch.device | None = None, engine=None,
+                       initial=None) -> Callable[[Rollout], torch.Tensor]:
     """``fn(rollout) -> (B, T)`` response log-probs under the reference π_ref of every KL term: the model at
-    ``path`` when given; else, with LoRA, the policy's own base with the adapter disabled (no copy held); else a
-    frozen copy of the policy's weights as they are now (so call it before any update or resume)."""
+    ``path`` when given; else, with LoRA, the policy's own base with the adapter disabled (no copy held); else
+    ``initial`` (``initial_copy``), or a frozen copy of the policy's weights as they are now (so call it before
+    any update or resume).
+
+    Given the training ``engine``, a separate reference is placed by ``engine.frozen`` (under FSDP sharded like
+    the policy: its passes are collectives, made equally often by every process since all have the same number
+    of rollout rows), and the LoRA reference reads the policy inside ``engine.gathered()`` (whole weights)."""
     if path:
-        ref_model, context = load_model(path)[0].to(device), nullcontext
+        ref_model, context = load_model(path)[0], nullcontext
     elif lora:
         ref_model, context = model, partial(adapter_disabled, model)
     else:
-        ref_model, context = copy.deepcopy(model).requires_grad_(False), nullcontext
+        ref_model, context = (initial if initial is not None else copy.deepcopy(model).requires_grad_(False)), nullcontext
     module = LogprobModel(ref_model)
+    if engine is None:
+        module = module.to(device) if path else module
+    elif lora and not path:
+        context = partial(_both, engine.gathered, context)
+    else:
+        module = engine.frozen(module)
 
     def ref_logps(rollout: Rollout) -> torch.Tensor:
         with autocast():
@@ -251,12 +269,19 @@ def reference_logprobs(model, lora: bool, path: str = "", temperature: float = 1
     return ref_logps
 
 
+@contextmanager
+def _both(first, second):
+    with first(), second():
+        yield
+
+
 def with_policy_logprobs(model, reference: Callable[[Rollout], torch.Tensor], temperature: float = 1.0,
                          batch_size: int = 16, autocast=nullcontext):
     """``fn(rollout) -> (policy, reference)`` response log-probs (B, T) each, for KL estimates; ``reference`` is
     a ``reference_logprobs`` function. Both sides go through the same training forward, in the same chunks and
     precision, never the sampler's log-probs (another kernel, perhaps another precision: in bf16 they differ by
-    ~1e-3 per token), so a policy equal to its reference has a KL of exactly 0."""
+    ~1e-3 per token), so a policy equal to its reference has a KL of exactly 0. Under FSDP call it inside
+    ``engine.gathered()``, as ``evaluate_policy`` and the sampler are."""
     policy = LogprobModel(model)
 
     def logps(rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:

@@ -145,19 +145,20 @@ def _split(logps: torch.Tensor, lengths: torch.Tensor, batch: dict) -> PairLogps
 
 
 @torch.no_grad()
-def reference_logps(model, examples: list[PreferenceExample], pad_id: int, autocast, batch_size: int = 16,
-                    disable_adapter: bool = False) -> list[tuple[PreferenceExample, float, float]]:
-    """(example, ref chosen log-prob, ref rejected log-prob) for every example, in one no-grad pass."""
+def reference_logps(module, examples: list[PreferenceExample], pad_id: int, autocast, batch_size: int = 16,
+                    adapter_off=nullcontext, device: torch.device | None = None) -> list[tuple[PreferenceExample, float, float]]:
+    """(example, ref chosen log-prob, ref rejected log-prob) for every example, in one no-grad pass of
+    ``module`` (a LogprobModel, or the sharded training module under FSDP: every process then passes all examples,
+    so the gathers pair up), inside ``adapter_off()`` (the LoRA reference)."""
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].prompt_ids) + len(examples[i].chosen_ids))
     values: dict[int, tuple[float, float]] = {}
-    adapter_off = adapter_disabled(model) if disable_adapter else nullcontext()
-    device = next(model.parameters()).device
-    with adapter_off:
+    device = device if device is not None else next(module.parameters()).device
+    with adapter_off():
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
             batch = send_to_device(collate_pairs([(examples[i], 0.0, 0.0) for i in idx], pad_id), device)
             with autocast():
-                logps, _ = pair_logps(LogprobModel(model), batch)
+                logps, _ = pair_logps(module, batch)
             b = len(idx)
             for k, i in enumerate(idx):
                 values[i] = (float(logps[k]), float(logps[b + k]))
@@ -170,6 +171,7 @@ def train(cfg: DPOConfig) -> Path:
     cfg = replace(cfg, beta=cfg.loss_beta())  # recorded as used in the run's config
     objective = make_objective(cfg)
     needs_ref = cfg.loss not in REFERENCE_FREE
+    torch.manual_seed(cfg.train.seed)  # a fresh LoRA adapter's initialisation: the same in every run and process
     model, tokenizer = load_model(cfg.model.model, lora=cfg.model.lora_settings(), trust_remote_code=cfg.model.trust_remote_code)
     pad_id = tokenizer.pad_token_id
     make = partial(read_examples, make=preference_example, tokenizer=tokenizer, max_length=cfg.data.max_length,
@@ -188,22 +190,28 @@ def train(cfg: DPOConfig) -> Path:
                     run_config={"algo": "dpo", **asdict(cfg)})
     if engine.is_main and cfg.loss != "orpo":
         print(f"dpo: --loss {cfg.loss}, beta {cfg.beta:g}" + ("" if given else " (the loss's default; set --beta to change)"))
-    ref_source = ref_model if ref_model is not None else model
+    # no-grad passes of the policy go through the sharded module under FSDP; a separate reference is sharded too
+    policy = engine.no_grad_module(LogprobModel(model))
+    ref_module = engine.frozen(LogprobModel(ref_model)) if ref_model is not None else policy
     lora_ref = ref_model is None and cfg.model.lora
+    adapter_off = partial(adapter_disabled, model) if lora_ref else nullcontext
     if needs_ref and not cfg.precompute_ref and ref_model is None and not cfg.model.lora:
         raise ValueError("--no-precompute-ref with full fine-tuning needs --reference MODEL (no second copy is made)")
     zeros = [(e, 0.0, 0.0) for e in eval_examples]
     if needs_ref:
         # computed before resume() can load trained weights, so the reference is always the initial policy
-        train_items = reference_logps(ref_source, examples, pad_id, engine.autocast, disable_adapter=lora_ref) \
-            if cfg.precompute_ref else [(e, 0.0, 0.0) for e in examples]
-        eval_items = reference_logps(ref_source, eval_examples, pad_id, engine.autocast, disable_adapter=lora_ref)
+        with engine.inference():
+            train_items = reference_logps(ref_module, examples, pad_id, engine.autocast, adapter_off=adapter_off,
+                                          device=engine.device) if cfg.precompute_ref else [(e, 0.0, 0.0) for e in examples]
+            eval_items = reference_logps(ref_module, eval_examples, pad_id, engine.autocast, adapter_off=adapter_off,
+                                         device=engine.device)
     else:
         train_items, eval_items = [(e, 0.0, 0.0) for e in examples], zeros
 
     def live_reference(batch: dict) -> None:
-        with torch.no_grad(), (adapter_disabled(model) if lora_ref else nullcontext()):
-            logps, _ = pair_logps(LogprobModel(ref_source), batch)
+        # inside the training step, before its forward: under FSDP the gathered root is the one that forward uses
+        with torch.no_grad(), adapter_off():
+            logps, _ = pair_logps(ref_module, batch)
         b = logps.shape[0] // 2
         batch["ref_chosen"], batch["ref_rejected"] = logps[:b].float(), logps[b:].float()
 
@@ -214,13 +222,16 @@ def train(cfg: DPOConfig) -> Path:
         per_pair, metrics = objective(_split(logps, lengths, batch))
         return per_pair.sum(), {"loss": per_pair.mean().item(), **{k: float(v) for k, v in metrics.items()}}
 
-    @torch.no_grad()
     def evaluate() -> dict[str, float]:
+        with engine.inference():
+            return _evaluate()
+
+    def _evaluate() -> dict[str, float]:
         totals: dict[str, float] = {}
         for start in range(0, len(eval_items), 16):
             batch = engine.to_device(collate_pairs(eval_items[start : start + 16], pad_id))
             with engine.autocast():
-                logps, lengths = pair_logps(LogprobModel(model), batch)
+                logps, lengths = pair_logps(policy, batch)
             per_pair, metrics = objective(_split(logps, lengths, batch))
             n = per_pair.shape[0]
             for k, v in {"loss": per_pair.mean(), **metrics}.items():

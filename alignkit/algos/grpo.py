@@ -46,6 +46,7 @@ from alignkit.online import (
     batched_logprobs,
     check_minibatches,
     evaluate_policy,
+    initial_copy,
     prompt_batch,
     read_prompts,
     reference_logprobs,
@@ -252,6 +253,7 @@ def train(cfg: GRPOConfig) -> Path:
     if cfg.loss_agg not in AGGREGATIONS:
         raise ValueError(f"--loss-agg must be one of {', '.join(AGGREGATIONS)}, got {cfg.loss_agg!r}")
     make_advantage_fn(cfg)  # checks --advantage before the model loads
+    torch.manual_seed(cfg.train.seed)  # a fresh LoRA adapter's initialisation: the same in every run and process
     model, tokenizer = load_model(cfg.model.model, lora=cfg.model.lora_settings(), trust_remote_code=cfg.model.trust_remote_code)
     prompts = read_prompts(cfg.data.data, tokenizer, cfg.data.max_length, cfg.data.skip_invalid)
     eval_prompts = []
@@ -272,19 +274,23 @@ def train(cfg: GRPOConfig) -> Path:
     steps = cfg.train.max_steps if cfg.train.max_steps > 0 else \
         max(1, math.ceil(cfg.train.epochs * len(prompts) / cfg.rollout.prompts_per_step))
 
+    # the reference of full fine-tuning: a copy of the initial policy, taken before the engine can shard it
+    initial = initial_copy(model, cfg.model.lora, cfg.reference) if cfg.beta else None
     engine = Engine(cfg.train, model, tokenizer, steps * updates_per_step, train_module=LogprobModel(model),
                     run_config={"algo": cfg.advantage, **asdict(cfg)})
     advantage_fn = make_advantage_fn(cfg, engine.all_sum)
     # before any update or resume, so the reference is the initial policy; none at all when β = 0
     reference = None if cfg.beta == 0 else reference_logprobs(
-        model, cfg.model.lora, cfg.reference, cfg.rollout.temperature, cfg.train.batch_size, device=engine.device)
+        model, cfg.model.lora, cfg.reference, cfg.rollout.temperature, cfg.train.batch_size, device=engine.device,
+        engine=engine, initial=initial)
     sampling = cfg.rollout.sampling()
 
     ref_pair = None if reference is None else \
         with_policy_logprobs(model, reference, cfg.rollout.temperature, cfg.train.batch_size, engine.autocast)
 
     def evaluate() -> dict[str, float]:
-        return evaluate_policy(model, tokenizer, eval_prompts, reward, sampling, ref_pair)
+        with engine.gathered():  # under FSDP: the policy's whole weights for sampling and its KL pass
+            return evaluate_policy(model, tokenizer, eval_prompts, reward, sampling, ref_pair)
 
     if cfg.train.resume:
         engine.resume()
@@ -301,7 +307,8 @@ def train(cfg: GRPOConfig) -> Path:
         mine = batch_prompts[engine.rank * local_prompts : (engine.rank + 1) * local_prompts]
         # seeded by step and rank, so a resumed run samples what the uninterrupted one would have
         generator = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + step * 7_919 + engine.rank)
-        scored = rollout_and_score(model, tokenizer, mine, reward, sampling, cfg.rollout.group_size, generator)
+        with engine.gathered():  # under FSDP: the policy's whole weights, in place, for the sampler
+            scored = rollout_and_score(model, tokenizer, mine, reward, sampling, cfg.rollout.group_size, generator)
         sampled = time.time()
         logs = grpo_step(engine, reference, scored.rollout, scored.rewards, cfg, advantage_fn)
         logs.update(rollout_metrics(scored))

@@ -116,18 +116,19 @@ def implicit_reward_accuracy(rewards: torch.Tensor, desirable: torch.Tensor) -> 
 
 
 @torch.no_grad()
-def reference_logps(model, items: list[Item], pad_id: int, autocast, batch_size: int = 16,
-                    disable_adapter: bool = False) -> list[Item]:
-    """Items with the reference log-probs of the labelled and the mismatched pair filled in, in one pass."""
+def reference_logps(module, items: list[Item], pad_id: int, autocast, batch_size: int = 16,
+                    adapter_off=nullcontext, device: torch.device | None = None) -> list[Item]:
+    """Items with the reference log-probs of the labelled and the mismatched pair filled in, in one pass of
+    ``module`` (a LogprobModel, or the sharded training module under FSDP) inside ``adapter_off()``."""
     order = sorted(range(len(items)), key=lambda i: len(items[i][0].prompt_ids) + len(items[i][0].completion_ids))
     values: dict[int, tuple[float, float]] = {}
-    adapter_off = adapter_disabled(model) if disable_adapter else nullcontext()
-    with adapter_off:
+    device = device if device is not None else next(module.parameters()).device
+    with adapter_off():
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            batch = send_to_device(collate_unpaired([items[i] for i in idx], pad_id), next(model.parameters()).device)
+            batch = send_to_device(collate_unpaired([items[i] for i in idx], pad_id), device)
             with autocast():
-                logps = completion_logps(LogprobModel(model), batch)
+                logps = completion_logps(module, batch)
             b = len(idx)
             for k, i in enumerate(idx):
                 values[i] = (float(logps[k]), float(logps[b + k]))
@@ -152,6 +153,7 @@ def train(cfg: KTOConfig) -> Path:
     default_threads()
     objective = partial(losses.kto_loss, beta=cfg.beta, desirable_weight=cfg.desirable_weight,
                         undesirable_weight=cfg.undesirable_weight)
+    torch.manual_seed(cfg.train.seed)  # a fresh LoRA adapter's initialisation: the same in every run and process
     model, tokenizer = load_model(cfg.model.model, lora=cfg.model.lora_settings(), trust_remote_code=cfg.model.trust_remote_code)
     pad_id = tokenizer.pad_token_id
     make = partial(read_examples, make=unpaired_example, tokenizer=tokenizer, max_length=cfg.data.max_length,
@@ -171,18 +173,23 @@ def train(cfg: KTOConfig) -> Path:
     note = balance_note(examples, cfg)
     if note and engine.is_main:
         print(note, file=sys.stderr)
-    ref_source = ref_model if ref_model is not None else model
+    # no-grad passes of the policy go through the sharded module under FSDP; a separate reference is sharded too
+    policy = engine.no_grad_module(LogprobModel(model))
+    ref_module = engine.frozen(LogprobModel(ref_model)) if ref_model is not None else policy
     lora_ref = ref_model is None and cfg.model.lora
+    adapter_off = partial(adapter_disabled, model) if lora_ref else nullcontext
     if not cfg.precompute_ref and ref_model is None and not cfg.model.lora:
         raise ValueError("--no-precompute-ref with full fine-tuning needs --reference MODEL (no second copy is made)")
     # computed before resume() can load trained weights, so the reference is always the initial policy
-    train_items = reference_logps(ref_source, items, pad_id, engine.autocast, disable_adapter=lora_ref) \
-        if cfg.precompute_ref else items
-    eval_items = reference_logps(ref_source, eval_items, pad_id, engine.autocast, disable_adapter=lora_ref)
+    with engine.inference():
+        train_items = reference_logps(ref_module, items, pad_id, engine.autocast, adapter_off=adapter_off,
+                                      device=engine.device) if cfg.precompute_ref else items
+        eval_items = reference_logps(ref_module, eval_items, pad_id, engine.autocast, adapter_off=adapter_off,
+                                     device=engine.device)
 
     def live_reference(batch: dict) -> None:
-        with torch.no_grad(), (adapter_disabled(model) if lora_ref else nullcontext()):
-            logps = completion_logps(LogprobModel(ref_source), batch)
+        with torch.no_grad(), adapter_off():
+            logps = completion_logps(ref_module, batch)
         b = logps.shape[0] // 2
         batch["ref"], batch["ref_kl"] = logps[:b].float(), logps[b:].float()
 
@@ -203,14 +210,17 @@ def train(cfg: KTOConfig) -> Path:
         return per_example.sum(), {"loss": per_example.mean().item(), "kl": float(metrics["kl"]),
                                    **class_sums(logps, batch["ref"], batch["desirable"], cfg.beta)}
 
-    @torch.no_grad()
     def evaluate() -> dict[str, float]:
+        with engine.inference():
+            return _evaluate()
+
+    def _evaluate() -> dict[str, float]:
         # z0 and the losses over the whole held-out set at once, so its value does not depend on batching
         logps, kl_logps = [], []
         for start in range(0, len(eval_items), 16):
             batch = engine.to_device(collate_unpaired(eval_items[start : start + 16], pad_id))
             with engine.autocast():
-                both = completion_logps(LogprobModel(model), batch)
+                both = completion_logps(policy, batch)
             b = both.shape[0] // 2
             logps.append(both[:b])
             kl_logps.append(both[b:])

@@ -58,6 +58,7 @@ from alignkit.online import (
     RolloutConfig,
     check_minibatches,
     evaluate_policy,
+    initial_copy,
     prompt_batch,
     read_prompts,
     reference_logprobs,
@@ -294,6 +295,7 @@ def train(cfg: PPOConfig) -> Path:
         raise ValueError("PPO needs --max-steps > 0 (rollout steps)")
     if cfg.ptx_coef > 0 and not cfg.ptx_data:
         raise ValueError("--ptx-coef needs --ptx-data (SFT records)")
+    torch.manual_seed(cfg.train.seed)  # a fresh LoRA adapter's initialisation: the same in every run and process
     model, tokenizer = load_model(cfg.model.model, lora=cfg.model.lora_settings(), trust_remote_code=cfg.model.trust_remote_code)
     prompts = read_prompts(cfg.data.data, tokenizer, cfg.data.max_length, cfg.data.skip_invalid)
     eval_prompts = []
@@ -323,16 +325,19 @@ def train(cfg: PPOConfig) -> Path:
         value_modules = {"value_head": value_head}
     module = PolicyValueModel(model, value_head, value_backbone).eval()  # dropout off throughout
     kl_ctl = KLController(cfg.kl_coef)
+    initial = initial_copy(model, cfg.model.lora)  # before the engine can shard the policy
     engine = Engine(cfg.train, model, tokenizer, steps * updates_per_step, train_module=module,
                     extra_modules={**value_modules, "kl_controller": kl_ctl}, run_config={"algo": "ppo", **asdict(cfg)})
     # before any update or resume: the reference is the initial policy
-    ref_fn = reference_logprobs(model, cfg.model.lora, "", cfg.rollout.temperature, cfg.train.batch_size, engine.autocast)
+    ref_fn = reference_logprobs(model, cfg.model.lora, "", cfg.rollout.temperature, cfg.train.batch_size, engine.autocast,
+                                engine=engine, initial=initial)
     sampling = cfg.rollout.sampling()
 
     ref_pair = with_policy_logprobs(model, ref_fn, cfg.rollout.temperature, cfg.train.batch_size, engine.autocast)
 
     def evaluate() -> dict[str, float]:
-        return evaluate_policy(model, tokenizer, eval_prompts, reward, sampling, ref_pair)
+        with engine.gathered():  # under FSDP: the policy's whole weights for sampling and its KL pass
+            return evaluate_policy(model, tokenizer, eval_prompts, reward, sampling, ref_pair)
 
     if cfg.train.resume:
         engine.resume()
@@ -349,7 +354,8 @@ def train(cfg: PPOConfig) -> Path:
         batch_prompts = prompt_batch(prompts, step, cfg.rollout.prompts_per_step, cfg.train.seed)
         mine = batch_prompts[engine.rank * local_prompts : (engine.rank + 1) * local_prompts]
         generator = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + step * 7_919 + engine.rank)
-        scored = rollout_and_score(model, tokenizer, mine, reward, sampling, cfg.rollout.group_size, generator)
+        with engine.gathered():  # under FSDP: the policy's whole weights, in place, for the sampler
+            scored = rollout_and_score(model, tokenizer, mine, reward, sampling, cfg.rollout.group_size, generator)
         scores = final_scores(scored.rewards, scored.rollout.ended_with_eos, cfg.missing_eos_penalty,
                               cfg.missing_eos_replace)
         sampled = time.time()

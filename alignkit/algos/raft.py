@@ -42,6 +42,7 @@ from alignkit.online import (
     ScoredRollout,
     distinct_n,
     evaluate_policy,
+    initial_copy,
     prompt_batch,
     read_prompts,
     reference_logprobs,
@@ -110,6 +111,7 @@ def _mean_across(engine: Engine, metrics: dict[str, float]) -> dict[str, float]:
 
 def train(cfg: RAFTConfig) -> Path:
     default_threads()
+    torch.manual_seed(cfg.train.seed)  # a fresh LoRA adapter's initialisation: the same in every run and process
     model, tokenizer = load_model(cfg.model.model, lora=cfg.model.lora_settings(), trust_remote_code=cfg.model.trust_remote_code)
     reward = load_reward(cfg.rollout.reward)
     prompts = read_prompts(cfg.data.data, tokenizer, cfg.data.max_length, cfg.data.skip_invalid)
@@ -125,6 +127,7 @@ def train(cfg: RAFTConfig) -> Path:
     steps_per_epoch = math.ceil(local / cfg.train.world_batch)
     steps_per_stage = cfg.sft_epochs * steps_per_epoch
     total = cfg.stages * steps_per_stage
+    initial = initial_copy(model, cfg.model.lora)  # before the engine can shard the policy
     engine = Engine(cfg.train, model, tokenizer, total, train_module=LogprobModel(model),
                     run_config={"algo": "raft", **asdict(cfg)})
     sampling = cfg.rollout.sampling()
@@ -132,11 +135,12 @@ def train(cfg: RAFTConfig) -> Path:
     # π_0 = the initial policy, fixed before resume() can load trained weights; the same precision as the policy's
     # side of every KL (engine.autocast), so the stage-1 KL of an untrained policy is exactly 0
     reference = reference_logprobs(model, cfg.model.lora, "", cfg.rollout.temperature, cfg.train.batch_size,
-                                   engine.autocast, device=engine.device)
+                                   engine.autocast, device=engine.device, engine=engine, initial=initial)
     logps_fn = with_policy_logprobs(model, reference, cfg.rollout.temperature, cfg.train.batch_size, engine.autocast)
 
     def evaluate() -> dict[str, float]:
-        return evaluate_policy(model, tokenizer, eval_prompts, reward, sampling, logps_fn, seed=cfg.train.seed + 1234)
+        with engine.gathered():  # under FSDP: the policy's whole weights for sampling and its KL pass
+            return evaluate_policy(model, tokenizer, eval_prompts, reward, sampling, logps_fn, seed=cfg.train.seed + 1234)
 
     if eval_prompts and not cfg.train.resume:
         before = evaluate()
@@ -153,9 +157,10 @@ def train(cfg: RAFTConfig) -> Path:
         # 1. sample K responses for this process's share of the stage's prompts (seeded by stage: resumable)
         batch = prompt_batch(prompts, stage, per_stage, cfg.train.seed)[engine.rank :: world]
         generator = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + stage * 1_009 + engine.rank)
-        scored = rollout_and_score(model, tokenizer, batch, reward, sampling, k, generator)
+        with engine.gathered():  # under FSDP: the policy's whole weights for the sampler and the KL pass
+            scored = rollout_and_score(model, tokenizer, batch, reward, sampling, k, generator)
+            policy, ref = logps_fn(scored.rollout)
         mask = scored.rollout.response_mask.float()
-        policy, ref = logps_fn(scored.rollout)
         log_ratio = ((policy - ref) * mask).sum(-1)  # (B,) sequence-level log π/π_0
 
         # 2. keep the best response per prompt

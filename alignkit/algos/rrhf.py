@@ -154,6 +154,7 @@ def ranking_loss(module, batch: dict[str, torch.Tensor], rank_weight: float = 1.
 def train(cfg: RRHFConfig) -> Path:
     default_threads()
     reward = load_reward(cfg.reward) if cfg.reward else None
+    torch.manual_seed(cfg.train.seed)  # a fresh LoRA adapter's initialisation: the same in every run and process
     model, tokenizer = load_model(cfg.model.model, lora=cfg.model.lora_settings(), trust_remote_code=cfg.model.trust_remote_code)
     pad_id = tokenizer.pad_token_id
     make = partial(read_ranked, tokenizer=tokenizer, max_length=cfg.data.max_length, skip_invalid=cfg.data.skip_invalid,
@@ -166,14 +167,19 @@ def train(cfg: RRHFConfig) -> Path:
                     run_config={"algo": "rrhf", **asdict(cfg)})
     k_max = max((len(e.responses_ids) for e in eval_examples), default=0)
 
-    @torch.no_grad()
+    policy = engine.no_grad_module(LogprobModel(model))  # under FSDP the sharded module: gathers as in training
+
     def evaluate() -> dict[str, float]:
+        with engine.inference():
+            return _evaluate()
+
+    def _evaluate() -> dict[str, float]:
         # all held-out prompts in one objective call, so rank agreement is over all their pairs
         avg, present, scores = [], [], []
         for start in range(0, len(eval_examples), 8):
             batch = engine.to_device(collate_ranked(eval_examples[start : start + 8], pad_id))
             with engine.autocast():
-                a, p = ranked_logps(LogprobModel(model), batch)
+                a, p = ranked_logps(policy, batch)
             pad = (0, k_max - a.shape[1])  # prompts with fewer responses than the longest list
             avg.append(torch.nn.functional.pad(a, pad))
             present.append(torch.nn.functional.pad(p, pad))

@@ -16,7 +16,7 @@ from alignkit.config import DataConfig, ModelConfig, arg, need_data
 from alignkit.data import IGNORE, read_examples, sft_example
 from alignkit.data.collate import collate_packed, pack_sft, pad_sft
 from alignkit.engine import Engine, TrainConfig, default_threads, distributed_state, total_steps_for
-from alignkit.logprobs import LogprobModel, token_logprobs
+from alignkit.logprobs import LogprobModel
 from alignkit.models import load_model
 
 
@@ -50,13 +50,14 @@ def count_targets(batch: dict[str, torch.Tensor]) -> int:
 
 
 @torch.no_grad()
-def mean_nll(model, batches, autocast) -> float:
-    """Token-mean NLL of the target tokens over ``batches`` (held-out loss)."""
+def mean_nll(module, batches, autocast) -> float:
+    """Token-mean NLL of the target tokens over ``batches`` (held-out loss) under ``module`` (a LogprobModel, or
+    the sharded training module under FSDP)."""
     total, count = 0.0, 0
     for batch in batches:
         target = _targets(batch)
         with autocast():
-            logps = token_logprobs(model, batch["input_ids"], target, batch.get("attention_mask"), batch.get("position_ids"))
+            logps = module(batch["input_ids"], target, batch.get("attention_mask"), batch.get("position_ids"))
         total -= float((logps * target).sum())
         count += int(target.sum())
     return total / max(1, count)
@@ -64,6 +65,7 @@ def mean_nll(model, batches, autocast) -> float:
 
 def train(cfg: SFTConfig) -> Path:
     default_threads()
+    torch.manual_seed(cfg.train.seed)  # a fresh LoRA adapter's initialisation: the same in every run and process
     model, tokenizer = load_model(cfg.model.model, lora=cfg.model.lora_settings(), trust_remote_code=cfg.model.trust_remote_code)
     make = partial(read_examples, make=sft_example, tokenizer=tokenizer, max_length=cfg.data.max_length,
                    skip_invalid=cfg.data.skip_invalid)
@@ -79,7 +81,13 @@ def train(cfg: SFTConfig) -> Path:
     total = total_steps_for(cfg.train, len(examples), distributed_state().num_processes)
     engine = Engine(cfg.train, model, tokenizer, total, train_module=LogprobModel(model), run_config={"algo": "sft", **asdict(cfg)})
     eval_batches = [engine.to_device(pad_sft(eval_examples[i : i + 8], pad_id)) for i in range(0, len(eval_examples), 8)]
-    evaluate = (lambda: {"eval/loss": mean_nll(model, eval_batches, engine.autocast)}) if eval_batches else None
+    policy = engine.no_grad_module(LogprobModel(model))  # under FSDP the sharded module: gathers as in training
+
+    def held_out() -> dict[str, float]:
+        with engine.inference():
+            return {"eval/loss": mean_nll(policy, eval_batches, engine.autocast)}
+
+    evaluate = held_out if eval_batches else None
     if evaluate is not None and not cfg.train.resume:
         before = evaluate()["eval/loss"]
         engine.log({"eval/loss": before}, step=0)
