@@ -211,3 +211,55 @@ def test_grpo_with_vllm_learns_the_rewarded_word(peaked_model_dir, tmp_path):
     assert steps[0]["kl"] == 0.0 and steps[-1]["kl"] > 0
     assert steps[0]["response/length"] == 6
     assert (out / "final" / "model.safetensors").exists()
+
+
+# ------------------------------------------------------------------------------------ --generator http://... (any env)
+@pytest.fixture(scope="module")
+def served(tiny_model_dir):
+    """``alignkit serve``'s app over the tiny model, on loopback."""
+    from alignkit.models import load_model
+    from alignkit.serve import ServeConfig, create_app
+    from tests.conftest import serving
+
+    model, tokenizer = load_model(str(tiny_model_dir))
+    with serving(create_app(model, tokenizer, ServeConfig(model="tiny", dtype="fp32"))) as url:
+        yield url + "/v1"
+
+
+def test_evaluate_through_an_endpoint(served, tiny_model_dir, tmp_path):
+    """evaluate --generator http://...: every sample comes back from the server, and the metrics are those of the
+    written samples (round trip): mean reward, length counted in the model's tokens, as many samples as asked."""
+    from alignkit.models import load_tokenizer
+    from alignkit.rewards import load_reward
+
+    out = tmp_path / "eval.json"
+    assert main(["evaluate", "--model", str(tiny_model_dir), "--generator", served + "|tiny", "--max-prompts", "3",
+                 "--group-size", "2", "--max-new-tokens", "6", "--reward", "length:6", "--output", str(out)]) == 0
+    metrics = json.loads(out.read_text())
+    samples = [json.loads(line) for line in (tmp_path / "eval.samples.jsonl").read_text().splitlines()]
+    assert metrics["samples"] == len(samples) == 6 and metrics["prompts"] == 3
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    lengths = [len(tokenizer(s["completion"], add_special_tokens=False)["input_ids"]) for s in samples]
+    assert all(0 < n <= 7 for n in lengths)  # 6 tokens, re-tokenised text may merge or split one
+    assert metrics["response/length"] == pytest.approx(sum(lengths) / 6)
+    rewards = load_reward("length:6")([s["prompt"] for s in samples], [s["completion"] for s in samples])
+    assert [s["reward"] for s in samples] == pytest.approx(rewards.tolist())
+    assert metrics["reward/mean"] == pytest.approx(float(rewards.mean()), abs=1e-6)
+    assert "kl" not in metrics and "response/no_eos" not in metrics
+
+
+def test_critique_through_generator_endpoint(served, tiny_model_dir, tmp_path):
+    out = tmp_path / "cai"
+    assert main(["critique", "--model", str(tiny_model_dir), "--generator", served + "|tiny", "--data",
+                 "bundled:instructions_test", "--max-prompts", "2", "--max-new-tokens", "5", "--temperature", "0",
+                 "--output-dir", str(out)]) == 0
+    chains = [json.loads(line) for line in (out / "chains.jsonl").read_text().splitlines()]
+    assert len(chains) == 2 and all(len(c["rounds"]) == 1 for c in chains)
+    assert (out / "sft.jsonl").exists() and (out / "summary.json").exists()
+
+
+def test_critique_endpoint_and_generator_conflict_is_one_line(tmp_path, capsys):
+    assert main(["critique", "--endpoint", "http://127.0.0.1:9/v1", "--generator", "http://127.0.0.1:9/v1",
+                 "--data", "bundled:instructions_test", "--output-dir", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--endpoint" in err[0] and "--generator" in err[0]
