@@ -117,9 +117,9 @@ class VLLMSampler:
         self.model, self.tokenizer, self.follow_updates = model, tokenizer, follow_updates
         inner = _unwrap(model)
         self._dir = tempfile.TemporaryDirectory(prefix="alignkit-vllm-")
-        inner.config.save_pretrained(self._dir.name)  # config + tokenizer only: the weights are pushed
-        if getattr(inner, "generation_config", None) is not None:
-            inner.generation_config.save_pretrained(self._dir.name)
+        # config + tokenizer only: the weights are pushed. No generation_config.json: its EOS list or sampling
+        # defaults would make vLLM stop or sample differently from the builtin sampler (EOS = the tokenizer's)
+        inner.config.save_pretrained(self._dir.name)
         tokenizer.save_pretrained(self._dir.name)
         limit = getattr(inner.config, "max_position_embeddings", None) or max_model_len
         max_model_len = min(max_model_len, limit)
@@ -152,7 +152,7 @@ class VLLMSampler:
         params = [SamplingParams(
             n=1, max_tokens=sampling.max_new_tokens, min_tokens=sampling.min_new_tokens,
             temperature=0.0 if sampling.greedy else sampling.temperature, top_p=1.0 if sampling.greedy else sampling.top_p,
-            top_k=sampling.top_k if sampling.top_k > 0 and not sampling.greedy else -1, seed=seed,
+            top_k=0 if sampling.greedy else sampling.top_k, seed=seed,  # 0: off, as in alignkit
             stop_token_ids=self.eos_ids, ignore_eos=False, logprobs=0, detokenize=False,
         ) for seed in seeds]
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False)
