@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import write_jsonl
 
 from alignkit.cli import main
 from alignkit.generation.vllm import vllm_problem
-from tests.conftest import write_jsonl
 
 VLLM_MISSING = vllm_problem()
 needs_vllm = pytest.mark.skipif(VLLM_MISSING is not None, reason=f"`make test-vllm` runs these: {VLLM_MISSING}")
@@ -196,7 +196,7 @@ def test_grpo_with_vllm_learns_the_rewarded_word(peaked_model_dir, tmp_path):
     test = write_jsonl(root / "test.jsonl", [{"prompt": f"Held-out review {i}:"} for i in range(8)])
     out = tmp_path / "grpo"
     assert main(["grpo", "--model", str(peaked_model_dir), "--data", str(train), "--eval-data", str(test),
-                 "--max-length", "64", "--generator", "vllm", "--reward", "tests.test_vllm:great_fraction",
+                 "--max-length", "64", "--generator", "vllm", "--reward", "test_vllm:great_fraction",
                  "--output-dir", str(out), "--lr", "7e-3", "--batch-size", "16", "--grad-accum", "2",
                  "--max-steps", "7", "--schedule", "constant", "--report-to", "none", "--no-progress",
                  "--prompts-per-step", "8", "--group-size", "4", "--max-new-tokens", "6", "--eval-prompts", "8",
@@ -217,9 +217,10 @@ def test_grpo_with_vllm_learns_the_rewarded_word(peaked_model_dir, tmp_path):
 @pytest.fixture(scope="module")
 def served(tiny_model_dir):
     """``alignkit serve``'s app over the tiny model, on loopback."""
+    from conftest import serving
+
     from alignkit.models import load_model
     from alignkit.serve import ServeConfig, create_app
-    from tests.conftest import serving
 
     model, tokenizer = load_model(str(tiny_model_dir))
     with serving(create_app(model, tokenizer, ServeConfig(model="tiny", dtype="fp32"))) as url:
