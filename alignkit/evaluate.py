@@ -16,23 +16,32 @@ neither KL exactly.
 
 The reference: ``--reference`` when given; else, for a LoRA run, the base model with the adapter disabled
 (nothing loaded twice); else no KL is reported.
+
+``--generator``: samples from alignkit's sampler (builtin), a colocated vLLM engine holding the model's weights
+(vllm; LoRA merged), or an OpenAI-compatible endpoint serving the model (http://HOST:PORT/v1). The endpoint
+returns text: the length is then counted in tokens of the model's tokenizer (re-tokenised, EOS not counted),
+the no-EOS share and the KL are not reported (no token ids or log-probs of the served model).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from alignkit.config import DataConfig, ModelConfig, arg, at_least, model_location
 from alignkit.engine import default_threads
-from alignkit.models import load_model
+from alignkit.generation import endpoint_samples, generator_arg, is_endpoint, make_sampler
+from alignkit.models import load_model, load_tokenizer
 from alignkit.online import (
     RolloutConfig,
+    distinct_n,
     evaluate_policy,
     prompts_of,
     reference_logprobs,
+    score,
     with_policy_logprobs,
 )
 from alignkit.rewards import load_reward
@@ -48,6 +57,7 @@ class EvalConfig:
     max_prompts: int = arg(0, "evaluate only the first N prompts; 0: all", check=at_least(0))
     seed: int = arg(1234, "sampling seed (the same seed gives the same random stream for every model)")
     output: str = arg("", "also write the metrics as JSON to this file, and every sample to <its stem>.samples.jsonl")
+    generator: str = generator_arg()
 
 
 def policy_and_reference(model, reference: str, temperature: float, batch_size: int = 16):
@@ -61,17 +71,22 @@ def policy_and_reference(model, reference: str, temperature: float, batch_size: 
 
 def run(cfg: EvalConfig) -> dict[str, float]:
     default_threads()
-    # a LoRA adapter stays attached: with the adapter disabled it is its own base, the default reference
-    model, tokenizer = load_model(cfg.model.model, trust_remote_code=cfg.model.trust_remote_code, merge_adapter=False)
-    prompts = prompts_of(cfg.data, tokenizer, cfg.max_prompts, "evaluate")
-    reward = load_reward(cfg.rollout.reward)
-    ref_fn = policy_and_reference(model, cfg.reference, cfg.rollout.temperature)
     samples: list[dict] = []
-    metrics = evaluate_policy(model, tokenizer, prompts, reward, cfg.rollout.sampling(), ref_fn, seed=cfg.seed,
-                              samples_per_prompt=cfg.rollout.group_size, batch_prompts=cfg.rollout.prompts_per_step,
-                              samples=samples)
+    if is_endpoint(cfg.generator):
+        metrics = evaluate_endpoint(cfg, samples)
+    else:
+        # a LoRA adapter stays attached: with the adapter disabled it is its own base, the default reference
+        model, tokenizer = load_model(cfg.model.model, trust_remote_code=cfg.model.trust_remote_code, merge_adapter=False)
+        prompts = prompts_of(cfg.data, tokenizer, cfg.max_prompts, "evaluate")
+        reward = load_reward(cfg.rollout.reward)
+        ref_fn = policy_and_reference(model, cfg.reference, cfg.rollout.temperature)
+        sampler = make_sampler(cfg.generator, model, tokenizer, cfg.data.max_length + cfg.rollout.max_new_tokens,
+                               seed=cfg.seed, follow_updates=False)
+        metrics = evaluate_policy(model, tokenizer, prompts, reward, cfg.rollout.sampling(), ref_fn, seed=cfg.seed,
+                                  samples_per_prompt=cfg.rollout.group_size, batch_prompts=cfg.rollout.prompts_per_step,
+                                  samples=samples, sampler=sampler)
     metrics = {k.removeprefix("eval/"): v for k, v in metrics.items()}
-    metrics.update(prompts=len(prompts), samples=len(prompts) * cfg.rollout.group_size)
+    metrics.update(prompts=len(samples) // cfg.rollout.group_size, samples=len(samples))
     print(f"{cfg.model.model}: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                                              for k, v in metrics.items()))
     if cfg.output:
@@ -80,6 +95,30 @@ def run(cfg: EvalConfig) -> dict[str, float]:
         _write_atomic(samples_path(out), "".join(json.dumps(s) + "\n" for s in samples))
         _write_atomic(out, json.dumps({"model": cfg.model.model, "reward": cfg.rollout.reward, **metrics}, indent=2))
     return metrics
+
+
+def evaluate_endpoint(cfg: EvalConfig, samples: list[dict]) -> dict[str, float]:
+    """``evaluate_policy``'s metrics for samples from an OpenAI-compatible endpoint (texts only): reward mean/std,
+    length in the tokenizer's tokens, distinct-2. ``samples`` receives one record per sample."""
+    if cfg.reference:
+        raise ValueError(f"--reference: the KL needs the sampled tokens' log-probs; --generator {cfg.generator} "
+                         "returns text only (use --generator builtin or vllm)")
+    tokenizer = load_tokenizer(cfg.model.model, trust_remote_code=cfg.model.trust_remote_code)
+    prompts = prompts_of(cfg.data, tokenizer, cfg.max_prompts, "evaluate")
+    reward = load_reward(cfg.rollout.reward)
+    n, step = cfg.rollout.group_size, cfg.rollout.prompts_per_step or len(prompts)
+    texts, rows = [], []
+    for start in range(0, len(prompts), step):
+        chunk = prompts[start : start + step]
+        texts += endpoint_samples(cfg.generator, [p.prompt for p in chunk], n, cfg.rollout.sampling(), cfg.seed + start)
+        rows += [p for p in chunk for _ in range(n)]
+    rewards = score(reward, rows, texts, None, tokenizer)
+    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    samples.extend({"prompt": p.prompt, "completion": t, "reward": float(r), "length": k}
+                   for p, t, r, k in zip(rows, texts, rewards.tolist(), lengths))
+    return {"eval/reward/mean": float(rewards.mean()),
+            "eval/reward/std": float(rewards.std()) if rewards.numel() > 1 else 0.0,
+            "eval/response/length": float(statistics.fmean(lengths)), "eval/distinct-2": distinct_n(texts, 2)}
 
 
 def samples_path(output: str | Path) -> Path:

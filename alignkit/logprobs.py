@@ -80,10 +80,12 @@ def backbone_hidden(backbone, input_ids, attention_mask=None, position_ids=None,
                 (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
             head_out = backbone(input_ids=input_ids[first, :n], attention_mask=attention_mask[first, :n],
                                 position_ids=positions[first, :n], use_cache=True)
-            cache = head_out.cache
+            # transformers >= 5.24 names the KV cache `cache`, older releases `past_key_values` (.venv-vllm has 5.19)
+            cache_kw = "cache" if hasattr(head_out, "cache") else "past_key_values"
+            cache = getattr(head_out, cache_kw)
             cache.batch_select_indices(group)
             rest = backbone(input_ids=input_ids[:, n:], attention_mask=attention_mask, position_ids=positions[:, n:],
-                            cache=cache, use_cache=True).last_hidden_state
+                            use_cache=True, **{cache_kw: cache}).last_hidden_state
             return torch.cat([head_out.last_hidden_state[group], rest], dim=1)
     return backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                     use_cache=False).last_hidden_state

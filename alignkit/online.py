@@ -17,6 +17,7 @@ from torch.distributed.tensor import DTensor
 
 from alignkit.config import DataConfig, OptionError, above, arg, at_least, between, world_size
 from alignkit.data import PromptExample, prompt_example, read_examples
+from alignkit.generation import BUILTIN, make_sampler
 from alignkit.logprobs import LogprobModel
 from alignkit.models import adapter_disabled, load_model
 from alignkit.rewards import RewardModelSource, RewardSource, reward_spec_problem
@@ -58,6 +59,17 @@ def prompts_of(data: DataConfig, tokenizer, max_prompts: int = 0, command: str =
     return prompts[:max_prompts] if max_prompts else prompts
 
 
+def online_sampler(spec: str, model, tokenizer, max_model_len: int, seed: int = 0):
+    """The sampler of an online trainer's ``--generator``: None for builtin (``rollout_and_score``'s default),
+    else a colocated vLLM engine fed the policy's weights before every rollout (``alignkit.generation.vllm``)."""
+    if spec == BUILTIN:
+        return None
+    if world_size() > 1:
+        raise ValueError(f"--generator {spec}: the colocated engine runs in single-process training only here; "
+                         "use --generator builtin under accelerate/torchrun")
+    return make_sampler(spec, model, tokenizer, max_model_len, seed=seed, follow_updates=True)
+
+
 def check_minibatches(prompts_per_step: int, group_size: int, batch_size: int, grad_accum: int) -> None:
     """Each process's rows of a step (its prompts x group_size) must split into whole minibatches of
     batch_size x grad_accum rows (one optimizer step each); checked before anything is loaded."""
@@ -96,14 +108,20 @@ def rollout_and_score(
     sampling: SamplingConfig,
     group_size: int = 1,
     generator: torch.Generator | None = None,
+    sampler=None,
 ) -> ScoredRollout:
-    """Sample ``group_size`` responses per prompt with the current policy and score each one."""
+    """Sample ``group_size`` responses per prompt with the current policy and score each one; ``sampler`` (an
+    ``alignkit.generation`` Sampler, e.g. vLLM's) replaces the builtin sampler on ``model`` when given."""
     if any(isinstance(p, DTensor) for p in model.parameters()):
         # each process samples its own prompts for a different number of steps, so the just-in-time gathers of
         # sharded weights could never pair up across processes: the whole weights must be in place
         raise RuntimeError("sampling from an FSDP-sharded policy: run it inside engine.gathered()")
     rows = [p for p in prompts for _ in range(group_size)]
-    rollout = sample(model, [p.prompt_ids for p in rows], sampling, tokenizer=tokenizer, generator=generator)
+    if sampler is None:
+        rollout = sample(model, [p.prompt_ids for p in rows], sampling, tokenizer=tokenizer, generator=generator)
+    else:  # token ids from another engine, moved to where the policy's log-probs are computed
+        device = next(model.parameters()).device
+        rollout = sampler([p.prompt_ids for p in rows], sampling, generator).to(device)
     texts = tokenizer.batch_decode(rollout.response_ids.masked_fill(rollout.response_mask == 0, tokenizer.pad_token_id),
                                    skip_special_tokens=True)
     # rewards live beside the log-probs they are combined with (the policy's device), whatever the source returns
@@ -147,15 +165,16 @@ def rollout_metrics(scored: ScoredRollout, prefix: str = "") -> dict[str, float]
 @torch.no_grad()
 def evaluate_policy(model, tokenizer, prompts: list[PromptExample], reward: RewardSource, sampling: SamplingConfig,
                     ref_logps_fn=None, seed: int = 1234, samples_per_prompt: int = 1,
-                    batch_prompts: int = 0, samples: list[dict] | None = None) -> dict[str, float]:
+                    batch_prompts: int = 0, samples: list[dict] | None = None, sampler=None) -> dict[str, float]:
     """Mean reward, distinct-2, length (and KL to the reference when ``ref_logps_fn`` is given) of
     ``samples_per_prompt`` samples per held-out prompt, drawn with a fixed seed so before/after numbers are
-    comparable; sampled ``batch_prompts`` prompts at a time (0: all at once). ``samples``, when given, receives
+    comparable; sampled ``batch_prompts`` prompts at a time (0: all at once), by ``sampler`` when given (see
+    ``rollout_and_score``). ``samples``, when given, receives
     one {prompt, completion, reward, length} record per sample (for reports)."""
     generator = torch.Generator().manual_seed(seed)
     step = batch_prompts or len(prompts)
-    parts = [rollout_and_score(model, tokenizer, prompts[i : i + step], reward, sampling, samples_per_prompt, generator)
-             for i in range(0, len(prompts), step)]
+    parts = [rollout_and_score(model, tokenizer, prompts[i : i + step], reward, sampling, samples_per_prompt, generator,
+                               sampler) for i in range(0, len(prompts), step)]
     texts = [t for p in parts for t in p.texts]
     scored = ScoredRollout(concat_rollouts([p.rollout for p in parts]), [q for p in parts for q in p.prompts], texts,
                            torch.cat([p.rewards for p in parts]))

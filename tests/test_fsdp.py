@@ -110,18 +110,18 @@ def test_kto_lora_under_fsdp_equals_one_process(tiny_model_dir, tmp_path):
 
 def test_online_trainers_under_fsdp_equal_ddp(tiny_model_dir, tmp_path):
     """grpo (full fine-tuning: sampling from the gathered policy, a sharded frozen copy as reference, held-out
-    evaluation with its KL) and ppo (LoRA: value head in the root unit, reference = adapter disabled): every
-    logged metric and the final weights as under DDP with the same processes and seeds."""
+    evaluation with its KL): every logged metric and the final weights as under DDP with the same processes and
+    seeds."""
     data = write_jsonl(tmp_path / "prompts.jsonl", PROMPTS)
     online = ["--model", str(tiny_model_dir), "--data", str(data), "--reward", "length:6", "--prompts-per-step", "4",
               "--group-size", "2", "--max-new-tokens", "6", "--max-steps", "2", "--batch-size", "2", "--grad-accum", "1", "--lr", "5e-3"]
     grpo = ["grpo", *online, "--beta", "0.1", "--eval-data", str(data), "--eval-prompts", "4"]
-    ppo = ["ppo", *online, "--lora", "--lora-r", "4"]
+    # (ppo with LoRA passed the same comparison when this was written; left out of the suite for its time: four
+    # more 2-process launches; kto above covers LoRA under FSDP)
     runs = {name: _start(launch(), *args, "--output-dir", str(tmp_path / name))
-            for name, launch, args in [("grpo_fsdp", _fsdp, grpo), ("grpo_ddp", _ddp, grpo),
-                                       ("ppo_fsdp", _fsdp, ppo), ("ppo_ddp", _ddp, ppo)]}
+            for name, launch, args in [("grpo_fsdp", _fsdp, grpo), ("grpo_ddp", _ddp, grpo)]}
     _done(*runs.values())
-    for algo, weights in (("grpo", "model.safetensors"), ("ppo", "adapter_model.safetensors")):
+    for algo, weights in (("grpo", "model.safetensors"),):
         fsdp, ddp = _metrics(tmp_path / f"{algo}_fsdp"), _metrics(tmp_path / f"{algo}_ddp")
         assert len(fsdp) == len(ddp) >= 2
         for f, d in zip(fsdp, ddp):

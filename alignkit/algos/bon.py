@@ -33,7 +33,7 @@ import torch
 
 from alignkit.config import DataConfig, ModelConfig, OptionError, arg, at_least
 from alignkit.engine import default_threads
-from alignkit.generation import BUILTIN, endpoint_samples, generator_problem
+from alignkit.generation import endpoint_samples, generator_arg, is_endpoint, make_sampler
 from alignkit.models import load_model, load_tokenizer
 from alignkit.online import RolloutConfig, ScoredRollout, prompts_of, rollout_and_score, score
 from alignkit.rewards import load_reward
@@ -48,9 +48,7 @@ class BoNConfig:
     max_prompts: int = arg(0, "answer only the first N prompts of --data (or --eval-data); 0: all", check=at_least(0))
 
     seed: int = arg(0, "sampling seed")
-    generator: str = arg("builtin", "where samples come from: builtin, or an OpenAI-compatible endpoint "
-                         "http://HOST:PORT/v1 (|MODEL to pick one; alignkit serve, vLLM, llama.cpp)",
-                         check=generator_problem)
+    generator: str = generator_arg()
 
     def check(self) -> None:
         if not (self.data.data or self.data.eval_data):
@@ -91,7 +89,7 @@ class BoNResult:
 @torch.no_grad()
 def run(cfg: BoNConfig) -> BoNResult:
     default_threads()
-    local = cfg.generator == BUILTIN
+    local = not is_endpoint(cfg.generator)
     if local:
         model, tokenizer = load_model(cfg.model.model, trust_remote_code=cfg.model.trust_remote_code)
     else:  # the endpoint samples; the tokenizer still renders and checks the prompts
@@ -101,13 +99,15 @@ def run(cfg: BoNConfig) -> BoNResult:
     n, per_batch = cfg.rollout.group_size, max(1, cfg.rollout.prompts_per_step)
     sampling = cfg.rollout.sampling()
     generator = torch.Generator().manual_seed(cfg.seed)
+    sampler = make_sampler(cfg.generator, model, tokenizer, cfg.data.max_length + cfg.rollout.max_new_tokens,
+                           seed=cfg.seed, follow_updates=False) if local else None
 
     best_rewards, all_rewards = [], []
     ranked_lines, pair_lines = [], []
     for start in range(0, len(prompts), per_batch):
         chunk = prompts[start : start + per_batch]
         if local:
-            scored = rollout_and_score(model, tokenizer, chunk, reward, sampling, n, generator)
+            scored = rollout_and_score(model, tokenizer, chunk, reward, sampling, n, generator, sampler)
         else:
             texts = endpoint_samples(cfg.generator, [p.prompt for p in chunk], n, sampling, cfg.seed + start)
             rows = [p for p in chunk for _ in range(n)]

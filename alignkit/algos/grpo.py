@@ -39,6 +39,7 @@ import torch
 from alignkit import losses
 from alignkit.config import DataConfig, ModelConfig, OptionError, above, arg, at_least, model_location
 from alignkit.engine import Engine, TrainConfig, default_threads, distributed_state
+from alignkit.generation import generator_arg
 from alignkit.logprobs import LogprobModel
 from alignkit.models import load_model
 from alignkit.online import (
@@ -47,6 +48,7 @@ from alignkit.online import (
     check_minibatches,
     evaluate_policy,
     initial_copy,
+    online_sampler,
     prompt_batch,
     read_prompts,
     reference_logprobs,
@@ -81,6 +83,7 @@ class GRPOConfig:
     loss_agg: str = arg("token-mean", "token-mean (DAPO) | seq-mean (GRPO paper) | seq-sum (plain REINFORCE)",
                         choices=AGGREGATIONS)
     reference: str = arg("", "reference model; empty: the initial policy", check=model_location)
+    generator: str = generator_arg(online=True)
 
     def check(self) -> None:
         if self.advantage in ("grpo", "rloo") and self.rollout.group_size < 2:
@@ -284,13 +287,15 @@ def train(cfg: GRPOConfig) -> Path:
         model, cfg.model.lora, cfg.reference, cfg.rollout.temperature, cfg.train.batch_size, device=engine.device,
         engine=engine, initial=initial)
     sampling = cfg.rollout.sampling()
+    sampler = online_sampler(cfg.generator, model, tokenizer, cfg.data.max_length + cfg.rollout.max_new_tokens,
+                             cfg.train.seed)
 
     ref_pair = None if reference is None else \
         with_policy_logprobs(model, reference, cfg.rollout.temperature, cfg.train.batch_size, engine.autocast)
 
     def evaluate() -> dict[str, float]:
         with engine.gathered():  # under FSDP: the policy's whole weights for sampling and its KL pass
-            return evaluate_policy(model, tokenizer, eval_prompts, reward, sampling, ref_pair)
+            return evaluate_policy(model, tokenizer, eval_prompts, reward, sampling, ref_pair, sampler=sampler)
 
     if cfg.train.resume:
         engine.resume()
@@ -308,7 +313,8 @@ def train(cfg: GRPOConfig) -> Path:
         # seeded by step and rank, so a resumed run samples what the uninterrupted one would have
         generator = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + step * 7_919 + engine.rank)
         with engine.gathered():  # under FSDP: the policy's whole weights, in place, for the sampler
-            scored = rollout_and_score(model, tokenizer, mine, reward, sampling, cfg.rollout.group_size, generator)
+            scored = rollout_and_score(model, tokenizer, mine, reward, sampling, cfg.rollout.group_size, generator,
+                                       sampler)
         sampled = time.time()
         logs = grpo_step(engine, reference, scored.rollout, scored.rewards, cfg, advantage_fn)
         logs.update(rollout_metrics(scored))

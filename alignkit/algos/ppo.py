@@ -52,6 +52,7 @@ from alignkit.config import (
 )
 from alignkit.data import IGNORE, pad_sft, read_examples, sft_example
 from alignkit.engine import Engine, TrainConfig, default_threads, distributed_state
+from alignkit.generation import generator_arg
 from alignkit.logprobs import logprobs_from_hidden
 from alignkit.models import load_model, unwrap
 from alignkit.online import (
@@ -59,6 +60,7 @@ from alignkit.online import (
     check_minibatches,
     evaluate_policy,
     initial_copy,
+    online_sampler,
     prompt_batch,
     read_prompts,
     reference_logprobs,
@@ -99,6 +101,7 @@ class PPOConfig:
     ptx_data: str = arg("", "SFT records (prompt/completion, messages or text) for PPO-ptx", check=data_source)
     critic: str = arg("", "reward model dir to initialise a separate critic from; empty: a zero-init head on the policy",
                       check=model_location)
+    generator: str = generator_arg(online=True)
 
     def check(self) -> None:
         if self.train.max_steps <= 0:
@@ -332,12 +335,14 @@ def train(cfg: PPOConfig) -> Path:
     ref_fn = reference_logprobs(model, cfg.model.lora, "", cfg.rollout.temperature, cfg.train.batch_size, engine.autocast,
                                 engine=engine, initial=initial)
     sampling = cfg.rollout.sampling()
+    sampler = online_sampler(cfg.generator, model, tokenizer, cfg.data.max_length + cfg.rollout.max_new_tokens,
+                             cfg.train.seed)
 
     ref_pair = with_policy_logprobs(model, ref_fn, cfg.rollout.temperature, cfg.train.batch_size, engine.autocast)
 
     def evaluate() -> dict[str, float]:
         with engine.gathered():  # under FSDP: the policy's whole weights for sampling and its KL pass
-            return evaluate_policy(model, tokenizer, eval_prompts, reward, sampling, ref_pair)
+            return evaluate_policy(model, tokenizer, eval_prompts, reward, sampling, ref_pair, sampler=sampler)
 
     if cfg.train.resume:
         engine.resume()
@@ -355,7 +360,8 @@ def train(cfg: PPOConfig) -> Path:
         mine = batch_prompts[engine.rank * local_prompts : (engine.rank + 1) * local_prompts]
         generator = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + step * 7_919 + engine.rank)
         with engine.gathered():  # under FSDP: the policy's whole weights, in place, for the sampler
-            scored = rollout_and_score(model, tokenizer, mine, reward, sampling, cfg.rollout.group_size, generator)
+            scored = rollout_and_score(model, tokenizer, mine, reward, sampling, cfg.rollout.group_size, generator,
+                                       sampler)
         scores = final_scores(scored.rewards, scored.rollout.ended_with_eos, cfg.missing_eos_penalty,
                               cfg.missing_eos_replace)
         sampled = time.time()

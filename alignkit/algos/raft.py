@@ -35,6 +35,7 @@ from alignkit.config import DataConfig, ModelConfig, arg, at_least, need_data
 from alignkit.data import IGNORE, SFTExample
 from alignkit.data.collate import pad_sft
 from alignkit.engine import Engine, TrainConfig, default_threads, distributed_state
+from alignkit.generation import generator_arg
 from alignkit.logprobs import LogprobModel
 from alignkit.models import load_model
 from alignkit.online import (
@@ -43,6 +44,7 @@ from alignkit.online import (
     distinct_n,
     evaluate_policy,
     initial_copy,
+    online_sampler,
     prompt_batch,
     read_prompts,
     reference_logprobs,
@@ -63,6 +65,7 @@ class RAFTConfig:
     sft_epochs: int = arg(1, "passes over each stage's kept samples", check=at_least(1))
     kl_beta: float = arg(0.0, "rank by reward - kl_beta * log(pi/pi_ref) of the whole response; 0: reward only",
                          check=at_least(0))
+    generator: str = generator_arg(online=True)
 
     def check(self) -> None:
         need_data(self.data)
@@ -131,6 +134,8 @@ def train(cfg: RAFTConfig) -> Path:
     engine = Engine(cfg.train, model, tokenizer, total, train_module=LogprobModel(model),
                     run_config={"algo": "raft", **asdict(cfg)})
     sampling = cfg.rollout.sampling()
+    sampler = online_sampler(cfg.generator, model, tokenizer, cfg.data.max_length + cfg.rollout.max_new_tokens,
+                             cfg.train.seed)
     k = cfg.rollout.group_size
     # π_0 = the initial policy, fixed before resume() can load trained weights; the same precision as the policy's
     # side of every KL (engine.autocast), so the stage-1 KL of an untrained policy is exactly 0
@@ -140,7 +145,8 @@ def train(cfg: RAFTConfig) -> Path:
 
     def evaluate() -> dict[str, float]:
         with engine.gathered():  # under FSDP: the policy's whole weights for sampling and its KL pass
-            return evaluate_policy(model, tokenizer, eval_prompts, reward, sampling, logps_fn, seed=cfg.train.seed + 1234)
+            return evaluate_policy(model, tokenizer, eval_prompts, reward, sampling, logps_fn,
+                                   seed=cfg.train.seed + 1234, sampler=sampler)
 
     if eval_prompts and not cfg.train.resume:
         before = evaluate()
@@ -158,7 +164,7 @@ def train(cfg: RAFTConfig) -> Path:
         batch = prompt_batch(prompts, stage, per_stage, cfg.train.seed)[engine.rank :: world]
         generator = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + stage * 1_009 + engine.rank)
         with engine.gathered():  # under FSDP: the policy's whole weights for the sampler and the KL pass
-            scored = rollout_and_score(model, tokenizer, batch, reward, sampling, k, generator)
+            scored = rollout_and_score(model, tokenizer, batch, reward, sampling, k, generator, sampler)
             policy, ref = logps_fn(scored.rollout)
         mask = scored.rollout.response_mask.float()
         log_ratio = ((policy - ref) * mask).sum(-1)  # (B,) sequence-level log π/π_0

@@ -10,7 +10,8 @@ round from the constitution:
 
 all in one growing conversation, as in the paper (which used 4 rounds; 1-2 keep a CPU run short). Generation runs
 through the rollout sampler in batches (the model's chat template; plain "User:/Assistant:" text without one), or
-through an OpenAI-compatible endpoint with ``--endpoint http://HOST/v1|MODEL``.
+through an OpenAI-compatible endpoint with ``--generator http://HOST/v1|MODEL`` (or ``--endpoint``), or a colocated
+vLLM engine holding the model's weights with ``--generator vllm``.
 
 Output (``--output-dir``):
 - ``sft.jsonl``: {prompt, completion = the final revision} (SFT data; message lists when the prompt is a
@@ -37,6 +38,7 @@ from alignkit.config import DataConfig, ModelConfig, arg
 from alignkit.data import DataError, load_records
 from alignkit.feedback.constitution import load_constitution
 from alignkit.feedback.label import write_jsonl_atomic
+from alignkit.generation import generator_arg, is_endpoint, make_sampler
 
 Messages = list[dict[str, str]]
 
@@ -54,6 +56,7 @@ class CritiqueConfig:
     batch_size: int = arg(16, "conversations sampled together")
     max_prompts: int = arg(0, "only the first N prompts; 0: all")
     endpoint: str = arg("", "generate through an OpenAI-compatible endpoint: http://HOST/v1|MODEL; empty: --model")
+    generator: str = generator_arg()
     api_key_env: str = arg("ALIGNKIT_API_KEY", "endpoint: environment variable holding the API key")
     concurrency: int = arg(8, "endpoint: requests in flight")
     output_dir: str = arg("runs/critique", "sft.jsonl, pairs.jsonl, chains.jsonl and summary.json go here")
@@ -129,10 +132,10 @@ def _item(data: dict, where: str) -> Item:
 class LocalGenerator:
     """Batched sampling of the next assistant turn of many conversations with the rollout sampler."""
 
-    def __init__(self, model, tokenizer, cfg: CritiqueConfig):
+    def __init__(self, model, tokenizer, cfg: CritiqueConfig, sampler=None):
         from alignkit.rollout import SamplingConfig
 
-        self.model, self.tokenizer = model, tokenizer
+        self.model, self.tokenizer, self.sampler = model, tokenizer, sampler
         greedy = cfg.temperature <= 0
         self.sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=1.0 if greedy else cfg.temperature,
                                        top_p=cfg.top_p, greedy=greedy)
@@ -149,8 +152,11 @@ class LocalGenerator:
     def __call__(self, conversations: list[Messages]) -> list[str]:
         from alignkit.rollout import sample
 
-        rollout = sample(self.model, [self.render(c) for c in conversations], self.sampling, tokenizer=self.tokenizer,
-                         generator=self.generator)
+        prompts = [self.render(c) for c in conversations]
+        if self.sampler is not None:  # --generator vllm
+            rollout = self.sampler(prompts, self.sampling, self.generator)
+        else:
+            rollout = sample(self.model, prompts, self.sampling, tokenizer=self.tokenizer, generator=self.generator)
         ids = rollout.response_ids.masked_fill(rollout.response_mask == 0, self.tokenizer.pad_token_id)
         return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
@@ -187,23 +193,29 @@ def critique(cfg: CritiqueConfig) -> Path:
     items = read_items(cfg.data.data, cfg.data.skip_invalid)
     if cfg.max_prompts:
         items = items[: cfg.max_prompts]
-    if cfg.endpoint:
-        if not cfg.endpoint.startswith(("http://", "https://")):
-            raise DataError(f"--endpoint: expected http(s)://HOST/v1|MODEL, got {cfg.endpoint!r}")
-        generate: Any = HTTPGenerator(cfg.endpoint, cfg)
+    if cfg.endpoint and cfg.generator != "builtin":
+        raise DataError(f"--endpoint and --generator {cfg.generator}: give one of them")
+    endpoint = cfg.endpoint or (cfg.generator if is_endpoint(cfg.generator) else "")
+    if endpoint:
+        if not endpoint.startswith(("http://", "https://")):
+            raise DataError(f"--endpoint: expected http(s)://HOST/v1|MODEL, got {endpoint!r}")
+        generate: Any = HTTPGenerator(endpoint, cfg)
     else:
         from alignkit.engine import default_threads
         from alignkit.models import load_model
 
         default_threads()
         model, tokenizer = load_model(cfg.model.model, trust_remote_code=cfg.model.trust_remote_code)
-        generate = LocalGenerator(model, tokenizer, cfg)
+        # prompt (a growing conversation) + response: the model's whole context
+        sampler = make_sampler(cfg.generator, model, tokenizer, getattr(model.config, "max_position_embeddings", 4096),
+                               seed=cfg.seed, follow_updates=False)
+        generate = LocalGenerator(model, tokenizer, cfg, sampler)
     from alignkit.serve.client import RequestError, ServerError
 
     try:
         chains = _chains(items, principles, generate, cfg)
     except (RequestError, ServerError) as error:
-        raise DataError(f"--endpoint {cfg.endpoint}: {error}") from None
+        raise DataError(f"--{'endpoint' if cfg.endpoint else 'generator'} {endpoint}: {error}") from None
     _write(chains, items, generate, cfg)
     return Path(cfg.output_dir)
 

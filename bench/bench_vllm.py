@@ -1,0 +1,99 @@
+"""Rollout speed, vLLM against alignkit's sampler, on bench_rollout.py's workloads with SmolLM2-135M.
+
+    .venv-vllm/bin/python bench/bench_vllm.py [--repeats 2] [--dtype float32|bfloat16] [--compile]
+    (make bench-vllm; vLLM lives in .venv-vllm, see the Makefile)
+
+Both back ends sample at temperature 1, top-p 1, with EOS banned until the cap (alignkit's min_new_tokens, vLLM's
+min_tokens), so each call makes exactly B x T tokens; tokens/s = B x T / wall time of the call (prefill included).
+vLLM runs as ``--generator vllm`` runs it (alignkit.generation.vllm.VLLMSampler): colocated, in this process,
+with the policy's weights pushed before the call; the push is timed apart, and so is the engine's start-up
+(``enforce_eager`` unless ``--compile``). Peak RSS is the process's high-water mark (getrusage) after the builtin
+runs and again after vLLM's. Runs are interleaved (the machine is shared); medians are shown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_rollout import WORKLOADS, chat_prompts  # noqa: E402
+
+from alignkit.models import load_model  # noqa: E402
+from alignkit.rollout import SamplingConfig, sample  # noqa: E402
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--dtype", default="float32", help="vLLM's dtype (float32 matches alignkit's fp32 here)")
+    parser.add_argument("--compile", action="store_true", help="let vLLM compile (no enforce_eager): slower start")
+    parser.add_argument("--workloads", default=",".join(WORKLOADS))
+    args = parser.parse_args()
+    from alignkit.generation.vllm import VLLMSampler
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, native bf16 matmul: "
+          f"{torch.ops.mkldnn._is_mkldnn_bf16_supported()}")
+    model, tokenizer = load_model("smollm2-135m", dtype="fp32")
+    all_prompts = chat_prompts(tokenizer, 64)
+    jobs = []
+    for name in args.workloads.split(","):
+        n_prompts, n_samples, new_tokens = WORKLOADS[name]
+        prompts = [p for p in all_prompts[:n_prompts] for _ in range(n_samples)]
+        jobs.append((name, prompts, SamplingConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, dtype="fp32")))
+
+    # builtin first, alone, for its own peak RSS
+    sample(model, jobs[0][1][:2], SamplingConfig(max_new_tokens=2), tokenizer=tokenizer)  # warm-up
+    builtin_rss = peak_rss_gb()
+    start = time.perf_counter()
+    sampler = VLLMSampler(model, tokenizer, max_model_len=512, dtype=args.dtype, enforce_eager=not args.compile,
+                          follow_updates=False)
+    startup = time.perf_counter() - start
+    pushes = []
+    for _ in range(3):
+        start = time.perf_counter()
+        sampler.push()
+        pushes.append(time.perf_counter() - start)
+    sampler(jobs[0][1][:2], SamplingConfig(max_new_tokens=2))  # warm-up
+    print(f"vLLM engine start-up {startup:.1f} s (enforce_eager={not args.compile}, dtype {args.dtype}); "
+          f"weight push {statistics.median(pushes):.2f} s (median of 3; 135M parameters)")
+
+    for name, prompts, config in jobs:
+        want = len(prompts) * config.max_new_tokens
+        speeds: dict[str, list[float]] = {"alignkit fp32": [], f"vLLM {args.dtype}": []}
+        for repeat in range(args.repeats):
+            for label in speeds:
+                generator = torch.Generator().manual_seed(repeat)
+                start = time.perf_counter()
+                if label.startswith("alignkit"):
+                    rollout = sample(model, prompts, config, tokenizer=tokenizer, generator=generator)
+                else:
+                    rollout = sampler(prompts, config, generator)
+                elapsed = time.perf_counter() - start
+                assert int(rollout.response_mask.sum()) == want, (label, int(rollout.response_mask.sum()), want)
+                speeds[label].append(want / elapsed)
+        lengths = sorted(map(len, prompts))
+        print(f"\n== {name}: batch {len(prompts)} x {config.max_new_tokens} new tokens, prompt lengths "
+              f"{lengths[0]}..{lengths[-1]}")
+        base = statistics.median(speeds["alignkit fp32"])
+        for label, runs in speeds.items():
+            speed = statistics.median(runs)
+            print(f"  {label:16s} {speed:7.1f} tokens/s  (x{speed / base:.2f})   runs: "
+                  + " ".join(f"{s:.1f}" for s in runs))
+    print(f"\npeak RSS: {builtin_rss:.2f} GB with the builtin sampler alone, {peak_rss_gb():.2f} GB with vLLM "
+          f"colocated (its KV cache reservation included)")
+    sampler.close()
+
+
+if __name__ == "__main__":
+    main()
