@@ -4,8 +4,8 @@
 # Trains sft, rm, dpo, grpo and ppo for a few steps each on SmolLM2-135M-Instruct (or MODEL) and prints one table:
 # step time, training tokens/s, peak GPU memory and the final loss, all read from each run's metrics.jsonl.
 # With 1 GPU every command runs once in a single process. With N > 1 GPUs each runs under DDP (all GPUs), sft and
-# rm also under FSDP2, and all of them under DeepSpeed ZeRO-2 when `import deepspeed`
-# works; the accelerate files are examples/accelerate/*.yaml. About 1-2 minutes per layout on one recent GPU.
+# all of them also under FSDP2, and under DeepSpeed ZeRO-2 when `import deepspeed` works; with 1 GPU and
+# `import vllm` working (e.g. PYTHON=.venv-vllm/bin/python), grpo and ppo once more with --generator vllm; the accelerate files are examples/accelerate/*.yaml. About 1-2 minutes per layout on one recent GPU.
 # Without a GPU it says so and exits 0 at once.
 #
 # Environment: PYTHON (default: .venv/bin/python if present, else python3), STEPS (default 6), OUT (default
@@ -65,6 +65,7 @@ declare -A ARGS=(
 LAYOUTS=()
 if [[ "$GPUS" == "1" ]]; then
   LAYOUTS=(single)
+  if "$PYTHON" -c 'import vllm' 2>/dev/null; then LAYOUTS+=(vllm); else echo "gpu_check: vllm not importable; no vLLM-generation runs"; fi
 else
   LAYOUTS=(ddp fsdp2)
   if "$PYTHON" -c 'import deepspeed' 2>/dev/null; then LAYOUTS+=(zero2); else echo "gpu_check: deepspeed not installed; no ZeRO-2 runs"; fi
@@ -73,16 +74,19 @@ fi
 FAILED=0
 for layout in "${LAYOUTS[@]}"; do
   for cmd in sft rm dpo grpo ppo; do
-    # under FSDP only sft and rm (dpo's reference pass and the samplers read the policy outside the sharded module)
-    if [[ "$layout" == fsdp2 && "$cmd" != sft && "$cmd" != rm ]]; then continue; fi
+    extra=()
+    if [[ "$layout" == vllm ]]; then  # builtin vs vLLM generation: only the commands that sample
+      if [[ "$cmd" != grpo && "$cmd" != ppo ]]; then continue; fi
+      extra=(--generator vllm)
+    fi
     run="$OUT/$layout-$cmd"
     rm -rf "$run"
-    if [[ "$layout" == single ]]; then launch=("$PYTHON" -m alignkit.cli)
+    if [[ "$layout" == single || "$layout" == vllm ]]; then launch=("$PYTHON" -m alignkit.cli)
     else launch=("$PYTHON" -m accelerate.commands.launch --config_file "examples/accelerate/$layout.yaml" --num_processes "$GPUS" -m alignkit.cli)
     fi
     echo "gpu_check: $layout $cmd"
     # shellcheck disable=SC2086  # ARGS entries are word lists
-    if ! "${launch[@]}" "$cmd" "${COMMON[@]}" ${ARGS[$cmd]} --output-dir "$run" > "$OUT/$layout-$cmd.log" 2>&1; then
+    if ! "${launch[@]}" "$cmd" "${COMMON[@]}" ${ARGS[$cmd]} "${extra[@]}" --output-dir "$run" > "$OUT/$layout-$cmd.log" 2>&1; then
       echo "gpu_check: $layout $cmd FAILED; last lines of $OUT/$layout-$cmd.log:"; tail -5 "$OUT/$layout-$cmd.log"
       FAILED=1
     fi
@@ -95,7 +99,7 @@ from pathlib import Path
 out, gpus, layouts = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3:]
 print(f"\n{'layout':8} {'command':8} {'step s':>8} {'tokens/s':>10} {'peak GB':>8} {'final loss':>11}")
 for layout in layouts:
-    world = 1 if layout == "single" else gpus
+    world = 1 if layout in ("single", "vllm") else gpus
     for cmd in ("sft", "rm", "dpo", "grpo", "ppo"):
         path = out / f"{layout}-{cmd}" / "metrics.jsonl"
         if not path.exists():
