@@ -25,7 +25,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from alignkit.config import DataConfig, ModelConfig, arg, at_least, model_location
+from alignkit.config import DataConfig, ModelConfig, arg, at_least, checked, model_location
 from alignkit.engine import default_threads
 from alignkit.models import load_model
 from alignkit.online import (
@@ -59,6 +59,7 @@ def policy_and_reference(model, reference: str, temperature: float, batch_size: 
                                 batch_size)
 
 
+@checked
 def run(cfg: EvalConfig) -> dict[str, float]:
     default_threads()
     # a LoRA adapter stays attached: with the adapter disabled it is its own base, the default reference

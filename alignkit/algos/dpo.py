@@ -31,6 +31,7 @@ from alignkit.config import (
     arg,
     at_least,
     between,
+    checked,
     model_location,
     need_data,
 )
@@ -164,13 +165,14 @@ def reference_logps(model, examples: list[PreferenceExample], pad_id: int, autoc
     return [(e, *values[i]) for i, e in enumerate(examples)]
 
 
+@checked
 def train(cfg: DPOConfig) -> Path:
     default_threads()
     given = cfg.beta
     cfg = replace(cfg, beta=cfg.loss_beta())  # recorded as used in the run's config
     objective = make_objective(cfg)
     needs_ref = cfg.loss not in REFERENCE_FREE
-    model, tokenizer = load_model(cfg.model.model, lora=cfg.model.lora_settings(), trust_remote_code=cfg.model.trust_remote_code)
+    model, tokenizer = load_model(cfg.model.model, lora=cfg.model.lora_settings(cfg.train.seed), trust_remote_code=cfg.model.trust_remote_code)
     pad_id = tokenizer.pad_token_id
     make = partial(read_examples, make=preference_example, tokenizer=tokenizer, max_length=cfg.data.max_length,
                    skip_invalid=cfg.data.skip_invalid)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from alignkit.config import DataConfig, ModelConfig, arg, need_data
+from alignkit.config import DataConfig, ModelConfig, arg, checked, need_data
 from alignkit.data import IGNORE, read_examples, sft_example
 from alignkit.data.collate import collate_packed, pack_sft, pad_sft
 from alignkit.engine import Engine, TrainConfig, default_threads, distributed_state, total_steps_for
@@ -62,9 +62,10 @@ def mean_nll(model, batches, autocast) -> float:
     return total / max(1, count)
 
 
+@checked
 def train(cfg: SFTConfig) -> Path:
     default_threads()
-    model, tokenizer = load_model(cfg.model.model, lora=cfg.model.lora_settings(), trust_remote_code=cfg.model.trust_remote_code)
+    model, tokenizer = load_model(cfg.model.model, lora=cfg.model.lora_settings(cfg.train.seed), trust_remote_code=cfg.model.trust_remote_code)
     make = partial(read_examples, make=sft_example, tokenizer=tokenizer, max_length=cfg.data.max_length,
                    skip_invalid=cfg.data.skip_invalid)
     examples = make(cfg.data.data)

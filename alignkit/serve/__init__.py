@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import os
 
+from alignkit.config import checked
 from alignkit.data import DataError
 from alignkit.serve.app import APIError, ServeConfig, create_app
 
@@ -72,6 +73,7 @@ def _check(config: ServeConfig) -> None:
         raise DataError(f"--dtype must be auto, fp32 or bf16, got {config.dtype!r}")
 
 
+@checked
 def run(config: ServeConfig) -> None:
     """Load the model and serve it until Ctrl-C."""
     import uvicorn
