@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import importlib
 import os
+import re
 import sys
 import typing
 from pathlib import Path
@@ -117,7 +118,10 @@ def build_config(cls, flags: dict[str, Any], yaml_values: dict[str, Any] | None 
         if kind is str and isinstance(value, list) and all(isinstance(v, str) for v in value):
             values[name] = value = ",".join(value)  # a YAML list for a comma-list option (e.g. curate's steps)
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            values[name] = float(value)
+            values[name] = value = float(value)
+        if kind is float and isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+            # YAML 1.1 (PyYAML) reads `lr: 2e-4` as a string: it has no dot. It is a number all the same.
+            values[name] = value = float(value)
         elif not isinstance(value, kind):
             raise SystemExit(f"alignkit: error: {source}: {name}: expected {kind.__name__}, got {value!r}")
     groups: dict[str | None, dict[str, Any]] = {}
@@ -130,6 +134,9 @@ def build_config(cls, flags: dict[str, Any], yaml_values: dict[str, Any] | None 
             base = f.default_factory() if f.default_factory is not dataclasses.MISSING else hints[f.name]()
             top[f.name] = dataclasses.replace(base, **groups.get(f.name, {}))
     return cls(**top)
+
+
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 def _yaml_key(key: str, leaves: dict, source: str) -> str:

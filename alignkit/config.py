@@ -7,6 +7,7 @@ into flags (``--max-length``) and YAML keys (``max_length``) with the help text 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -128,6 +129,18 @@ def validate(cfg: Any) -> None:
         cfg.check()
 
 
+def checked(entry: Callable) -> Callable:
+    """Decorator for a command's entry function: ``validate`` its config first, so ``train(cfg)`` called from
+    Python gives the same one-line errors as the CLI, before anything is loaded or written."""
+
+    @functools.wraps(entry)
+    def run_checked(cfg, *args, **kwargs):
+        validate(cfg)
+        return entry(cfg, *args, **kwargs)
+
+    return run_checked
+
+
 def world_size() -> int:
     """Processes of this run as the launcher (torchrun, accelerate) announces them, before any set-up."""
     return int(os.environ.get("WORLD_SIZE", "1"))
@@ -143,13 +156,14 @@ class ModelConfig:
     lora_targets: str = arg("all-linear", "modules LoRA wraps: all-linear or comma-separated names")
     trust_remote_code: bool = arg(False, "allow custom model code from the hub")
 
-    def lora_settings(self):
+    def lora_settings(self, seed: int | None = None):
+        """The adapter to add (None without --lora); ``seed`` (the run's) fixes its initial weights."""
         from alignkit.models import LoraSettings
 
         if not self.lora:
             return None
         targets = self.lora_targets if self.lora_targets == "all-linear" else tuple(self.lora_targets.split(","))
-        return LoraSettings(self.lora_r, self.lora_alpha, self.lora_dropout, targets)
+        return LoraSettings(self.lora_r, self.lora_alpha, self.lora_dropout, targets, seed)
 
 
 @dataclass

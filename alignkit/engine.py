@@ -602,8 +602,27 @@ class Engine:
         _set_rng_state(state["rng"])
         self.step = state["step"]
         if self.is_main:
+            self._trim_metrics()
             print(f"alignkit: resumed from {checkpoint} at step {self.step}", file=sys.stderr)
         return self.step
+
+    def _trim_metrics(self) -> None:
+        """Drop metrics.jsonl records logged after the checkpoint's step: those steps run again, and each step
+        must have one record. Lines cut short by a kill go too. Rewritten atomically."""
+        path = self.output_dir / "metrics.jsonl"
+        if not path.exists():
+            return
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and record.get("step", 0) <= self.step:
+                kept.append(line + "\n")
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
 
     def finish(self) -> Path:
         path = self.save_final()

@@ -33,6 +33,7 @@ class LoraSettings:
     alpha: int = 32
     dropout: float = 0.0
     target_modules: str | tuple[str, ...] = "all-linear"
+    seed: int | None = None  # the adapter's initial weights come from torch.manual_seed(seed), not the global RNG
 
 
 def bf16_is_fast() -> bool:
@@ -258,7 +259,13 @@ def add_lora(model, lora: LoraSettings):
         target_modules=lora.target_modules if isinstance(lora.target_modules, str) else list(lora.target_modules),
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, config)
+    if lora.seed is None:
+        return get_peft_model(model, config)
+    # LoRA's A matrices are drawn from the global RNG: seeded here, two runs with the same seed start from the same
+    # adapter whatever ran before in this process (a notebook, a pipeline, the tests); the global stream is untouched.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(lora.seed)
+        return get_peft_model(model, config)
 
 
 def tiny_causal_lm(num_layers: int = 2, hidden_size: int = 128, seed: int = 0, dtype: str = "fp32"):

@@ -23,6 +23,7 @@ matmuls (AVX512-BF16/AMX; oneDNN reports it); elsewhere it is several times slow
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 import torch
@@ -35,6 +36,10 @@ PREFILL_CHUNK_TOKENS = 2048
 LM_HEAD_SLICE = 2048  # vocabulary rows per LM-head matmul (see _LlamaDecoder._logits)
 _FAST_MODEL_TYPES = ("llama", "mistral", "qwen2")
 _DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+
+
+# on_step(t, rows, tokens, logits or None) -> stop?; see `sample`
+StepHook = Callable[[int, Tensor, Tensor, "Tensor | None"], "bool | None"]
 
 
 @dataclass(frozen=True)
@@ -145,12 +150,21 @@ def sample(
     pad_token_id: int | None = None,
     prompt_mask: Tensor | None = None,
     generator: torch.Generator | None = None,
+    on_step: StepHook | None = None,
+    step_logits: bool = False,
 ) -> Rollout:
     """Sample one response per prompt; stops a row at its first EOS and the batch once all rows ended.
 
     prompts: token-id lists, or a (B, P) tensor with an optional `prompt_mask` (any padding side).
     EOS ids come from `eos_token_id`, else the tokenizer, else the model's generation config (one id or a
     list); the pad id from `pad_token_id`, else the tokenizer, else the first EOS id.
+
+    `on_step(t, rows, tokens, logits)` is called after every decode step t, as soon as the tokens exist (what
+    `alignkit serve` streams): `rows` (n,) are the batch rows still decoding (finished rows leave the batch),
+    `tokens` (n,) what each drew (pad for a row that already ended), `logits` (n, V) fp32 the model's own
+    next-token logits before temperature and filtering when `step_logits`, else None. A true return value
+    stops the whole batch after this step (e.g. every row has hit a stop string). The tensors are only valid
+    during the call. Without a hook the loop is unchanged.
     """
     inner = _unwrap(model)
     device = next(inner.parameters()).device
@@ -168,9 +182,10 @@ def sample(
     with torch.inference_mode():
         if reason is None:
             decoder = _LlamaDecoder(inner, dtype)
-            out = decoder.generate(rows, ids.shape[1], config, eos_ids, pad_token_id, generator)
+            out = decoder.generate(rows, ids.shape[1], config, eos_ids, pad_token_id, generator, on_step, step_logits)
         else:
-            out = _generic_generate(inner, ids, mask, config, eos_ids, pad_token_id, dtype, generator)
+            out = _generic_generate(inner, ids, mask, config, eos_ids, pad_token_id, dtype, generator, on_step,
+                                    step_logits)
     response_ids, response_mask, logprobs, ended = out
     return Rollout(ids, mask, response_ids, response_mask, logprobs, ended)
 
@@ -257,7 +272,8 @@ def _finish(tokens: Tensor, logprobs: Tensor, steps: int, eos: Tensor, pad_token
 # Generic decoder: any HF causal LM, its own forward and KV cache
 
 
-def _generic_generate(model, ids, mask, config, eos_ids, pad_token_id, dtype, generator):
+def _generic_generate(model, ids, mask, config, eos_ids, pad_token_id, dtype, generator, on_step=None,
+                      step_logits=False):
     device = ids.device
     batch = ids.shape[0]
     eos = torch.tensor(eos_ids, dtype=torch.long, device=device)
@@ -281,11 +297,14 @@ def _generic_generate(model, ids, mask, config, eos_ids, pad_token_id, dtype, ge
                     **{cache_kw: cache}, **extra,
                 )
             logits = out.logits[:, -1].float()
+            raw = logits.clone() if step_logits else None  # _pick filters the logits in place
             tok, lp = _pick(logits, t, config, eos, generator)
             tokens[t] = tok.masked_fill_(done, pad_token_id)
             logprobs[t] = lp.masked_fill_(done, 0.0)
             done |= torch.isin(tok, eos)
             steps = t + 1
+            if on_step is not None and on_step(t, torch.arange(batch, device=device), tok, raw):
+                break
             if bool(done.all()):
                 break
             step_ids, step_pos = tok[:, None], step_pos[:, -1:] + 1
@@ -542,7 +561,8 @@ class _LlamaDecoder:
         filled = (cols < n0) | (cols >= width - (lengths - n0)[:, None])  # (B, width)
         return self._logits(last_hidden[torch.tensor(owner, device=device)]), filled
 
-    def generate(self, rows, width, config: SamplingConfig, eos_ids, pad_token_id, generator):
+    def generate(self, rows, width, config: SamplingConfig, eos_ids, pad_token_id, generator, on_step=None,
+                 step_logits=False):
         device = self.embed.device
         batch, steps_max = len(rows), config.max_new_tokens
         length = width + steps_max
@@ -562,12 +582,15 @@ class _LlamaDecoder:
         alive = torch.arange(batch, device=device)  # batch row of each decoding row
         steps = 0
         for t in range(steps_max):
+            raw = logits.clone() if step_logits else None  # _pick filters the logits in place
             tok, lp = _pick(logits, t, config, eos, generator)
             tok.masked_fill_(done, pad_token_id)
             tokens[t].index_copy_(0, alive, tok)
             logprobs[t].index_copy_(0, alive, lp.masked_fill_(done, 0.0))
             done |= torch.isin(tok, eos)
             steps = t + 1
+            if on_step is not None and on_step(t, alive, tok, raw):
+                break
             n_alive = int((~done).sum())
             if n_alive == 0 or t == steps_max - 1:
                 break

@@ -83,7 +83,7 @@ def test_lora_reference_precomputed_equals_adapter_disabled_live(tiny_model_dir,
 
 
 def test_unknown_loss_is_rejected(tiny_model_dir, tmp_path):
-    with pytest.raises(ValueError, match="--loss must be one of"):
+    with pytest.raises(ValueError, match="--loss 'nope': expected one of sigmoid, ipo"):  # checked first, as the CLI does
         dpo.train(_config(tiny_model_dir, tmp_path, loss="nope"))
 
 

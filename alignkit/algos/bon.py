@@ -30,8 +30,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
-from alignkit.config import DataConfig, ModelConfig, OptionError, arg, at_least
+from alignkit.config import DataConfig, ModelConfig, OptionError, arg, at_least, checked
 from alignkit.engine import default_threads
 from alignkit.generation import endpoint_samples, generator_arg, is_endpoint, make_sampler
 from alignkit.models import load_model, load_tokenizer
@@ -48,6 +49,7 @@ class BoNConfig:
     max_prompts: int = arg(0, "answer only the first N prompts of --data (or --eval-data); 0: all", check=at_least(0))
 
     seed: int = arg(0, "sampling seed")
+    progress: bool = arg(True, "show a progress bar with ETA (prompts sampled and scored)")
     generator: str = generator_arg()
 
     def check(self) -> None:
@@ -86,6 +88,7 @@ class BoNResult:
     kl: float  # bon_kl(n)
 
 
+@checked
 @torch.no_grad()
 def run(cfg: BoNConfig) -> BoNResult:
     default_threads()
@@ -104,6 +107,8 @@ def run(cfg: BoNConfig) -> BoNResult:
 
     best_rewards, all_rewards = [], []
     ranked_lines, pair_lines = [], []
+    # the trainers' display (tqdm, on stderr), counted in prompts: each batch of prompts moves it once
+    bar = tqdm(total=len(prompts), desc=f"best-of-{n}", unit="prompt", dynamic_ncols=True, disable=not cfg.progress)
     for start in range(0, len(prompts), per_batch):
         chunk = prompts[start : start + per_batch]
         if local:
@@ -125,6 +130,9 @@ def run(cfg: BoNConfig) -> BoNResult:
                                               "rejected": texts[int(worst[g])], "margin": margin}))
         best_rewards.append(groups.max(-1).values)
         all_rewards.append(scored.rewards)
+        bar.update(len(chunk))
+        bar.set_postfix({"best": f"{float(torch.cat(best_rewards).mean()):.4g}"}, refresh=False)
+    bar.close()
     out_dir = Path(cfg.output_dir)
     path = out_dir / "bon.jsonl"
     n_pairs = len(pair_lines)

@@ -31,6 +31,7 @@ from alignkit.config import (
     arg,
     at_least,
     between,
+    checked,
     model_location,
     need_data,
 )
@@ -165,6 +166,7 @@ def reference_logps(module, examples: list[PreferenceExample], pad_id: int, auto
     return [(e, *values[i]) for i, e in enumerate(examples)]
 
 
+@checked
 def train(cfg: DPOConfig) -> Path:
     default_threads()
     given = cfg.beta
@@ -172,7 +174,7 @@ def train(cfg: DPOConfig) -> Path:
     objective = make_objective(cfg)
     needs_ref = cfg.loss not in REFERENCE_FREE
     torch.manual_seed(cfg.train.seed)  # a fresh LoRA adapter's initialisation: the same in every run and process
-    model, tokenizer = load_model(cfg.model.model, lora=cfg.model.lora_settings(), trust_remote_code=cfg.model.trust_remote_code)
+    model, tokenizer = load_model(cfg.model.model, lora=cfg.model.lora_settings(cfg.train.seed), trust_remote_code=cfg.model.trust_remote_code)
     pad_id = tokenizer.pad_token_id
     make = partial(read_examples, make=preference_example, tokenizer=tokenizer, max_length=cfg.data.max_length,
                    skip_invalid=cfg.data.skip_invalid)

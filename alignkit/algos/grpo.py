@@ -37,7 +37,16 @@ from pathlib import Path
 import torch
 
 from alignkit import losses
-from alignkit.config import DataConfig, ModelConfig, OptionError, above, arg, at_least, model_location
+from alignkit.config import (
+    DataConfig,
+    ModelConfig,
+    OptionError,
+    above,
+    arg,
+    at_least,
+    checked,
+    model_location,
+)
 from alignkit.engine import Engine, TrainConfig, default_threads, distributed_state
 from alignkit.generation import generator_arg
 from alignkit.logprobs import LogprobModel
@@ -251,13 +260,14 @@ def grpo_step(engine: Engine, reference: Callable[[Rollout], torch.Tensor] | Non
 
 
 # ------------------------------------------------------------------------------------------------ training
+@checked
 def train(cfg: GRPOConfig) -> Path:
     default_threads()
     if cfg.loss_agg not in AGGREGATIONS:
         raise ValueError(f"--loss-agg must be one of {', '.join(AGGREGATIONS)}, got {cfg.loss_agg!r}")
     make_advantage_fn(cfg)  # checks --advantage before the model loads
     torch.manual_seed(cfg.train.seed)  # a fresh LoRA adapter's initialisation: the same in every run and process
-    model, tokenizer = load_model(cfg.model.model, lora=cfg.model.lora_settings(), trust_remote_code=cfg.model.trust_remote_code)
+    model, tokenizer = load_model(cfg.model.model, lora=cfg.model.lora_settings(cfg.train.seed), trust_remote_code=cfg.model.trust_remote_code)
     prompts = read_prompts(cfg.data.data, tokenizer, cfg.data.max_length, cfg.data.skip_invalid)
     eval_prompts = []
     if cfg.data.eval_data and cfg.rollout.eval_prompts > 0:

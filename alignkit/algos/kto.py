@@ -34,7 +34,16 @@ import torch
 from accelerate.utils import send_to_device
 
 from alignkit import losses
-from alignkit.config import DataConfig, ModelConfig, OptionError, above, arg, model_location, need_data
+from alignkit.config import (
+    DataConfig,
+    ModelConfig,
+    OptionError,
+    above,
+    arg,
+    checked,
+    model_location,
+    need_data,
+)
 from alignkit.data import UnpairedExample, read_examples, unpaired_example
 from alignkit.data.collate import pad_prompt_completions
 from alignkit.engine import Engine, TrainConfig, default_threads, distributed_state, total_steps_for
@@ -149,12 +158,13 @@ def balance_note(examples: list[UnpairedExample], cfg: KTOConfig) -> str | None:
             f"paper advises 1 to 4/3 (e.g. --desirable-weight between {low:.3g} and {4 / 3 * low:.3g})")
 
 
+@checked
 def train(cfg: KTOConfig) -> Path:
     default_threads()
     objective = partial(losses.kto_loss, beta=cfg.beta, desirable_weight=cfg.desirable_weight,
                         undesirable_weight=cfg.undesirable_weight)
     torch.manual_seed(cfg.train.seed)  # a fresh LoRA adapter's initialisation: the same in every run and process
-    model, tokenizer = load_model(cfg.model.model, lora=cfg.model.lora_settings(), trust_remote_code=cfg.model.trust_remote_code)
+    model, tokenizer = load_model(cfg.model.model, lora=cfg.model.lora_settings(cfg.train.seed), trust_remote_code=cfg.model.trust_remote_code)
     pad_id = tokenizer.pad_token_id
     make = partial(read_examples, make=unpaired_example, tokenizer=tokenizer, max_length=cfg.data.max_length,
                    skip_invalid=cfg.data.skip_invalid)

@@ -47,6 +47,7 @@ from alignkit.config import (
     arg,
     at_least,
     between,
+    checked,
     data_source,
     model_location,
 )
@@ -292,6 +293,7 @@ def _attach_ptx(batches: list[dict], examples: list, cfg: PPOConfig, pad_id: int
 
 
 # ---------------------------------------------------------------------------------------------------- train
+@checked
 def train(cfg: PPOConfig) -> Path:
     default_threads()
     if cfg.train.max_steps <= 0:
@@ -299,7 +301,7 @@ def train(cfg: PPOConfig) -> Path:
     if cfg.ptx_coef > 0 and not cfg.ptx_data:
         raise ValueError("--ptx-coef needs --ptx-data (SFT records)")
     torch.manual_seed(cfg.train.seed)  # a fresh LoRA adapter's initialisation: the same in every run and process
-    model, tokenizer = load_model(cfg.model.model, lora=cfg.model.lora_settings(), trust_remote_code=cfg.model.trust_remote_code)
+    model, tokenizer = load_model(cfg.model.model, lora=cfg.model.lora_settings(cfg.train.seed), trust_remote_code=cfg.model.trust_remote_code)
     prompts = read_prompts(cfg.data.data, tokenizer, cfg.data.max_length, cfg.data.skip_invalid)
     eval_prompts = []
     if cfg.data.eval_data and cfg.rollout.eval_prompts > 0:

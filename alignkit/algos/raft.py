@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from alignkit.algos.sft import count_targets, sft_loss
-from alignkit.config import DataConfig, ModelConfig, arg, at_least, need_data
+from alignkit.config import DataConfig, ModelConfig, arg, at_least, checked, need_data
 from alignkit.data import IGNORE, SFTExample
 from alignkit.data.collate import pad_sft
 from alignkit.engine import Engine, TrainConfig, default_threads, distributed_state
@@ -112,10 +112,11 @@ def _mean_across(engine: Engine, metrics: dict[str, float]) -> dict[str, float]:
 # ------------------------------------------------------------------------------------------------ train
 
 
+@checked
 def train(cfg: RAFTConfig) -> Path:
     default_threads()
     torch.manual_seed(cfg.train.seed)  # a fresh LoRA adapter's initialisation: the same in every run and process
-    model, tokenizer = load_model(cfg.model.model, lora=cfg.model.lora_settings(), trust_remote_code=cfg.model.trust_remote_code)
+    model, tokenizer = load_model(cfg.model.model, lora=cfg.model.lora_settings(cfg.train.seed), trust_remote_code=cfg.model.trust_remote_code)
     reward = load_reward(cfg.rollout.reward)
     prompts = read_prompts(cfg.data.data, tokenizer, cfg.data.max_length, cfg.data.skip_invalid)
     eval_prompts = read_prompts(cfg.data.eval_data, tokenizer, cfg.data.max_length, cfg.data.skip_invalid) \

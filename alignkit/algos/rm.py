@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from alignkit.config import DataConfig, ModelConfig, arg, at_least, need_data
+from alignkit.config import DataConfig, ModelConfig, arg, at_least, checked, need_data
 from alignkit.data import (
     DataError,
     PreferenceExample,
@@ -394,6 +394,7 @@ def _kind(examples: list, source: str) -> str:
     return "rankings" if kinds == {RankedExample} else "pairs"
 
 
+@checked
 def train(cfg: RMConfig) -> Path:
     default_threads()
     torch.manual_seed(cfg.train.seed)  # the fresh score head's initialisation

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from alignkit import losses
-from alignkit.config import DataConfig, ModelConfig, arg, at_least, need_data
+from alignkit.config import DataConfig, ModelConfig, arg, at_least, checked, need_data
 from alignkit.data import DataError, RankedExample, Record, build_examples, load_records, ranked_example
 from alignkit.data.collate import pad_prompt_completions
 from alignkit.engine import Engine, TrainConfig, default_threads, distributed_state, total_steps_for
@@ -151,11 +151,12 @@ def ranking_loss(module, batch: dict[str, torch.Tensor], rank_weight: float = 1.
     return per_prompt.sum(), {"loss": per_prompt.mean().item(), **{k: float(v) for k, v in metrics.items()}}
 
 
+@checked
 def train(cfg: RRHFConfig) -> Path:
     default_threads()
     reward = load_reward(cfg.reward) if cfg.reward else None
     torch.manual_seed(cfg.train.seed)  # a fresh LoRA adapter's initialisation: the same in every run and process
-    model, tokenizer = load_model(cfg.model.model, lora=cfg.model.lora_settings(), trust_remote_code=cfg.model.trust_remote_code)
+    model, tokenizer = load_model(cfg.model.model, lora=cfg.model.lora_settings(cfg.train.seed), trust_remote_code=cfg.model.trust_remote_code)
     pad_id = tokenizer.pad_token_id
     make = partial(read_ranked, tokenizer=tokenizer, max_length=cfg.data.max_length, skip_invalid=cfg.data.skip_invalid,
                    reward=reward)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from alignkit.config import DataConfig, ModelConfig, arg, need_data
+from alignkit.config import DataConfig, ModelConfig, arg, checked, need_data
 from alignkit.data import IGNORE, read_examples, sft_example
 from alignkit.data.collate import collate_packed, pack_sft, pad_sft
 from alignkit.engine import Engine, TrainConfig, default_threads, distributed_state, total_steps_for
@@ -63,10 +63,11 @@ def mean_nll(module, batches, autocast) -> float:
     return total / max(1, count)
 
 
+@checked
 def train(cfg: SFTConfig) -> Path:
     default_threads()
     torch.manual_seed(cfg.train.seed)  # a fresh LoRA adapter's initialisation: the same in every run and process
-    model, tokenizer = load_model(cfg.model.model, lora=cfg.model.lora_settings(), trust_remote_code=cfg.model.trust_remote_code)
+    model, tokenizer = load_model(cfg.model.model, lora=cfg.model.lora_settings(cfg.train.seed), trust_remote_code=cfg.model.trust_remote_code)
     make = partial(read_examples, make=sft_example, tokenizer=tokenizer, max_length=cfg.data.max_length,
                    skip_invalid=cfg.data.skip_invalid)
     examples = make(cfg.data.data)

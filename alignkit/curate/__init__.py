@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from alignkit.config import arg
+from alignkit.config import arg, checked
 from alignkit.curate.rules import RULES, RuleSettings, length_counter, refusal_pattern
 from alignkit.curate.select import PICKS
 from alignkit.curate.text import View, view
@@ -288,6 +288,7 @@ def _summary(c: Curation, step_log: list[dict], seconds: float) -> dict:
             "config": asdict(c.cfg)}
 
 
+@checked
 def run(cfg: CurateConfig) -> dict:
     check(cfg)
     t_start = time.perf_counter()

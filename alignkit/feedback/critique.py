@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from alignkit.config import DataConfig, ModelConfig, arg
+from alignkit.config import DataConfig, ModelConfig, arg, checked
 from alignkit.data import DataError, load_records
 from alignkit.feedback.constitution import load_constitution
 from alignkit.feedback.label import write_jsonl_atomic
@@ -183,6 +183,7 @@ def _say(conversations: list[Messages], role: str, texts: list[str]) -> None:
         conversation.append({"role": role, "content": text})
 
 
+@checked
 def critique(cfg: CritiqueConfig) -> Path:
     """Run the critique -> revision chains; write sft.jsonl, pairs.jsonl, chains.jsonl, summary.json."""
     if cfg.rounds < 1:

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from alignkit.config import DataConfig, arg
+from alignkit.config import DataConfig, arg, checked
 from alignkit.data import DataError, load_records
 from alignkit.feedback.cache import JudgeCache
 from alignkit.feedback.judges import DEFAULT_PRINCIPLE, PREAMBLE, EnsembleJudge, Verdict, load_judge
@@ -199,6 +199,7 @@ def make_judge(cfg: LabelConfig, cache: JudgeCache | None):
     return judge
 
 
+@checked
 def label(cfg: LabelConfig) -> Path:
     """Label every pair, write OUT/pairs.jsonl and OUT/summary.json; return the pairs path."""
     if not cfg.data.data:

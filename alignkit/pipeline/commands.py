@@ -25,7 +25,7 @@ OUTPUTS: dict[str, Outputs] = {
     "bon": Outputs("output_dir", files={"bon": "bon.jsonl", "pairs": "pairs.jsonl", "summary": "summary.json",
                                         "dir": ""}),
     "evaluate": Outputs("output", "eval.json", files={"metrics": "eval.json", "samples": "eval.samples.jsonl",
-                                                       "dir": ""}),
+                                                       "verdicts": "eval.verdicts.jsonl", "dir": ""}),
     "report": Outputs("output", "report.html", files={"html": "report.html", "dir": ""}, reads_run="runs"),
     # landing with their branches (outputs as their briefs define them):
     "curate": Outputs("output_dir", files={"curated": "curated.jsonl", "manifest": "manifest.jsonl",

@@ -15,11 +15,16 @@ Endpoints (the shapes of OpenAI's API, so the official ``openai`` client works u
 * Both also take vLLM's ``min_tokens`` (no EOS before that many tokens). Other unknown fields are ignored, as
   OpenAI-compatible servers do; known fields of the wrong type are a 400.
 
-Log-probs are the model's own (temperature 1, before top_p), from a forward over prompt + response. Streaming
-sends server-sent events (``data: {chunk}`` ... ``data: [DONE]``), one chunk per token; chunks are sent once the
-batch has been decoded (OpenAI's wire format, not lower latency). Requests that arrive together are batched
-through ``alignkit.rollout.sample`` (see ``engine.py``); a request with a ``seed`` is decoded on its own, so the
-same request with the same seed gives the same answer.
+Log-probs are the model's own (temperature 1, before top_p), from a forward over prompt + response (when
+streaming, from each decode step's logits). Streaming sends server-sent events (``data: {chunk}`` ...
+``data: [DONE]``) live: one chunk per generated token, sent as soon as the sampler has drawn it, choices of
+``n > 1`` interleaved by ``index``, log-probs in each token's chunk, ``finish_reason`` on a choice's last chunk,
+``usage`` in a last chunk when ``stream_options.include_usage``. Text that may begin a stop string is held back
+until the next token settles it, so a streamed answer is exactly the non-streamed one. A client that disconnects,
+or rows ended by a stop string, stop their batch early. Requests that arrive together are batched through
+``alignkit.rollout.sample`` (see ``engine.py``); requests arriving while a batch decodes all join the next batch,
+which starts as soon as the current one ends. A request with a ``seed`` is decoded on its own, so the same
+request with the same seed gives the same answer.
 
 Extension for judges, ``candidate_tokens``: on either endpoint, ``"candidate_tokens": ["1", "2"]`` (strings,
 each exactly one token of the model's tokenizer, else HTTP 400 naming it) adds to every choice
@@ -41,6 +46,7 @@ from __future__ import annotations
 
 import os
 
+from alignkit.config import checked
 from alignkit.data import DataError
 from alignkit.serve.app import APIError, ServeConfig, create_app
 
@@ -72,6 +78,7 @@ def _check(config: ServeConfig) -> None:
         raise DataError(f"--dtype must be auto, fp32 or bf16, got {config.dtype!r}")
 
 
+@checked
 def run(config: ServeConfig) -> None:
     """Load the model and serve it until Ctrl-C."""
     import uvicorn

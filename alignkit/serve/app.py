@@ -8,6 +8,7 @@ route, 413 for a body over the size limit, 429 when too many requests are queued
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import time
@@ -22,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from alignkit.config import arg
-from alignkit.serve.engine import Engine, Row
+from alignkit.serve.engine import Engine, Row, StepEvent
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit for both endpoints
 
@@ -214,14 +215,14 @@ def create_app(model, tokenizer, config: ServeConfig | None = None, api_key: str
         rows = [Row(ids, settings.max_tokens, req.logprobs, candidates, bool(req.echo))
                 for ids in prompts for _ in range(settings.n)]
         _check_context(rows, max_context, "prompt")
+        head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                "model": name}
+        if req.stream:
+            return _sse(_Stream(engine, rows, settings, req, tokenizer, head, prompts, chat=False))
         await engine.submit(rows, settings.temperature, settings.top_p, req.seed, settings.min_tokens)
         choices = [_completion_choice(i, row, settings.stop, tokenizer, req) for i, row in enumerate(rows)]
-        out = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-               "model": name, "choices": [c for c, _ in choices], "usage": _usage(prompts, choices),
-               "system_fingerprint": None}
-        if req.stream:
-            return _sse(_completion_chunks(out, choices, tokenizer, req))
-        return out
+        return {**head, "choices": [c for c, _ in choices], "usage": _usage(prompts, choices),
+                "system_fingerprint": None}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -241,14 +242,14 @@ def create_app(model, tokenizer, config: ServeConfig | None = None, api_key: str
         k = (req.top_logprobs or 0) if req.logprobs else None
         rows = [Row(prompt_ids, settings.max_tokens, k, candidates) for _ in range(settings.n)]
         _check_context(rows, max_context, "messages")
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+                "model": name}
+        if req.stream:
+            return _sse(_Stream(engine, rows, settings, req, tokenizer, head, [prompt_ids], chat=True))
         await engine.submit(rows, settings.temperature, settings.top_p, req.seed, settings.min_tokens)
         choices = [_chat_choice(i, row, settings.stop, tokenizer, req) for i, row in enumerate(rows)]
-        out = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
-               "model": name, "choices": [c for c, _ in choices], "usage": _usage([prompt_ids], choices),
-               "system_fingerprint": None}
-        if req.stream:
-            return _sse(_chat_chunks(out, choices, tokenizer, req))
-        return out
+        return {**head, "choices": [c for c, _ in choices], "usage": _usage([prompt_ids], choices),
+                "system_fingerprint": None}
 
     return app
 
@@ -371,21 +372,71 @@ class _Text:
     generated: int  # tokens the model produced for it, the EOS included
 
 
+class _Detok:
+    """Token ids -> text, one token at a time, with stop strings: what streaming sends and what a whole answer is.
+
+    Incremental decoding (as TGI and vLLM do it): the new text of a token is decode(ids[prefix:]) minus
+    decode(ids[prefix:read]) over a short window, and it is released only once it no longer ends in an
+    incomplete UTF-8 character (U+FFFD). A stop string ends the text where it starts, at the token that completes
+    it; text that could be the start of a stop string is held back until the next token settles it, so nothing
+    sent is ever taken back. The released pieces concatenate to ``text``: a streamed answer equals the whole one.
+    """
+
+    def __init__(self, tokenizer, stop: list[str]):
+        self.tokenizer, self.stop = tokenizer, stop
+        self.ids: list[int] = []  # text tokens so far (no EOS)
+        self.prefix = self.read = 0  # decode window: ids[prefix:read] is already in `text`
+        self.text = ""
+        self.sent = 0  # characters of `text` released
+        self.generated = 0  # tokens consumed, the EOS included
+        self.reason: str | None = None  # "stop" | "length" once the answer has ended
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _release(self, end: int) -> str:
+        end = max(end, self.sent)
+        piece, self.sent = self.text[self.sent : end], end
+        return piece
+
+    def push(self, token: int, eos: bool = False, last: bool = False) -> str:
+        """The text this token releases. ``eos``: the token is the EOS; ``last``: no token follows (max_tokens).
+        Sets ``reason`` when the answer ends here (EOS, a stop string, or ``last``)."""
+        self.generated += 1
+        if eos:
+            self.reason = "stop"
+            return self._release(len(self.text))
+        self.ids.append(token)
+        before, after = self._decode(self.ids[self.prefix : self.read]), self._decode(self.ids[self.prefix :])
+        if len(after) > len(before) and (last or not after.endswith("\ufffd")):
+            start = max(0, len(self.text) - max((len(s) for s in self.stop), default=1) + 1)
+            self.text += after[len(before) :]
+            self.prefix, self.read = self.read, len(self.ids)
+            hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
+            if hits:
+                self.text, self.reason = self.text[: max(min(hits), self.sent)], "stop"
+                return self._release(len(self.text))
+        if last:
+            self.reason = "length"
+            return self._release(len(self.text))
+        end = len(self.text)
+        for s in self.stop:  # hold back a tail that may grow into a stop string
+            for k in range(min(len(s) - 1, len(self.text)), 0, -1):
+                if self.text.endswith(s[:k]):
+                    end = min(end, len(self.text) - k)
+                    break
+        return self._release(end)
+
+
 def _finish(row: Row, stop: list[str], tokenizer) -> _Text:
-    tokens = row.tokens[:-1] if row.ended else list(row.tokens)
-    text = tokenizer.decode(tokens, skip_special_tokens=True)
-    reason = "stop" if row.ended else "length"
-    hits = [text.find(s) for s in stop if s in text]
-    if hits:
-        # the fewest tokens whose text already holds a stop string; the text ends before that string
-        for k in range(1, len(tokens) + 1):
-            prefix = tokenizer.decode(tokens[:k], skip_special_tokens=True)
-            if any(s in prefix for s in stop):
-                tokens = tokens[:k]
-                break
-        text, reason = text[: min(hits)], "stop"
-        return _Text(text, tokens, reason, len(tokens))
-    return _Text(text, tokens, reason, len(row.tokens))
+    """A decoded row as the answer: the same `_Detok` steps a stream takes, so both give the same text."""
+    detok = _Detok(tokenizer, stop)
+    for k, token in enumerate(row.tokens):
+        last = k == len(row.tokens) - 1
+        detok.push(token, eos=last and row.ended, last=last)
+        if detok.reason:
+            break
+    return _Text(detok.text, detok.ids, detok.reason or "length", detok.generated)
 
 
 def _token_str(tokenizer, token: int) -> str:
@@ -460,25 +511,9 @@ def _usage(prompts: list[list[int]], choices) -> dict:
 # ---------------------------------------------------------------------------------------------------- streaming
 
 
-def _pieces(done: _Text, tokenizer) -> list[str]:
-    """The text split at token boundaries: piece k is what token k adds. A token that ends inside a UTF-8
-    character adds nothing until the character is complete; the pieces always concatenate to the text."""
-    pieces, emitted = [], 0
-    for k in range(1, len(done.tokens) + 1):
-        prefix = tokenizer.decode(done.tokens[:k], skip_special_tokens=True)
-        end = emitted if prefix.endswith("\ufffd") else min(len(prefix), len(done.text))
-        end = max(end, emitted)
-        pieces.append(done.text[emitted:end])
-        emitted = end
-    if not pieces:
-        pieces = [""]
-    pieces[-1] += done.text[emitted:]
-    return pieces
-
-
 def _sse(chunks) -> StreamingResponse:
     async def events():
-        for chunk in chunks:
+        async for chunk in chunks:
             yield f"data: {json.dumps(chunk)}\n\n"
         yield "data: [DONE]\n\n"
 
@@ -489,47 +524,117 @@ def _include_usage(req: _Request) -> bool:
     return bool(req.stream_options and req.stream_options.get("include_usage"))
 
 
-def _completion_chunks(out: dict, choices, tokenizer, req: CompletionRequest):
-    """Token-by-token chunks of a finished completion (the sampler decodes a whole batch before anything is
-    sent, so streaming gives OpenAI's wire format, not lower latency)."""
-    head = {"id": out["id"], "object": "text_completion", "created": out["created"], "model": out["model"]}
-    for choice, done in choices:
-        pieces = _pieces(done, tokenizer)
-        if req.echo:
-            pieces[0] = choice["text"][: len(choice["text"]) - len(done.text)] + pieces[0]
-        lp = choice["logprobs"]
-        n_echo = len(lp["tokens"]) - len(done.tokens) if lp else 0
-        for k, piece in enumerate(pieces):
-            last = k == len(pieces) - 1
-            item = {"index": choice["index"], "text": piece, "logprobs": None,
-                    "finish_reason": choice["finish_reason"] if last else None}
-            if lp and done.tokens:
-                at = slice(0 if k == 0 else n_echo + k, n_echo + k + 1)
-                item["logprobs"] = {key: values[at] for key, values in lp.items()}
-            if last and "candidate_logprobs" in choice:
-                item["candidate_logprobs"] = choice["candidate_logprobs"]
-            yield {**head, "choices": [item]}
-    if _include_usage(req):
-        yield {**head, "choices": [], "usage": out["usage"]}
+class _Stream:
+    """The chunks of a streamed request, sent as the engine decodes: one chunk per generated token (its text
+    piece, its log-probs when asked, ``finish_reason`` on the row's last one), choices interleaved by ``index``
+    as their tokens come. Chat starts each choice with a role chunk; completions with ``echo`` with a chunk of
+    the prompt. ``stream_options.include_usage`` adds a last chunk with ``usage`` and no choices.
 
+    The engine call starts when the response starts. If the client goes away, or a row needs no more tokens
+    (a stop string), its rows are marked cancelled, and the batch stops once no row needs another token."""
 
-def _chat_chunks(out: dict, choices, tokenizer, req: ChatRequest):
-    head = {"id": out["id"], "object": "chat.completion.chunk", "created": out["created"], "model": out["model"],
-            "system_fingerprint": None}
-    for choice, done in choices:
-        index = choice["index"]
-        yield {**head, "choices": [{"index": index, "delta": {"role": "assistant", "content": ""},
-                                    "logprobs": None, "finish_reason": None}]}
-        content = choice["logprobs"]["content"] if choice["logprobs"] else None
-        pieces = _pieces(done, tokenizer)
-        for k, piece in enumerate(pieces):
-            last = k == len(pieces) - 1
-            item = {"index": index, "delta": {"content": piece}, "logprobs": None,
-                    "finish_reason": choice["finish_reason"] if last else None}
-            if content is not None:
-                item["logprobs"] = {"content": content[k : k + 1], "refusal": None}
-            if last and "candidate_logprobs" in choice:
-                item["candidate_logprobs"] = choice["candidate_logprobs"]
-            yield {**head, "choices": [item]}
-    if _include_usage(req):
-        yield {**head, "choices": [], "usage": out["usage"]}
+    def __init__(self, engine: Engine, rows: list[Row], settings: _Settings, req, tokenizer, head: dict,
+                 prompts: list[list[int]], chat: bool):
+        self.engine, self.rows, self.settings, self.req, self.tokenizer = engine, rows, settings, req, tokenizer
+        self.prompts, self.chat = prompts, chat
+        self.head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
+        if chat:
+            self.head["system_fingerprint"] = None
+        self.want_logprobs = bool(req.logprobs) if chat else req.logprobs is not None
+        self.echo = bool(getattr(req, "echo", False))
+
+    def _chunk(self, item: dict) -> dict:
+        return {**self.head, "choices": [item]}
+
+    def _token_logprobs(self, event: StepEvent, offset: int) -> dict | None:
+        if not self.want_logprobs or event.eos or event.logprob is None:
+            return None
+        token = _token_str(self.tokenizer, event.token)
+        if self.chat:
+            def entry(t: int, lp: float) -> dict:
+                text = _token_str(self.tokenizer, t)
+                return {"token": text, "logprob": lp, "bytes": list(text.encode())}
+
+            item = entry(event.token, event.logprob)
+            item["top_logprobs"] = [entry(t, lp) for t, lp in event.top]
+            return {"content": [item], "refusal": None}
+        return {"tokens": [token], "token_logprobs": [event.logprob],
+                "top_logprobs": [{_token_str(self.tokenizer, t): lp for t, lp in event.top}], "text_offset": [offset]}
+
+    def _first_chunks(self, offsets: list[int]):
+        for i, row in enumerate(self.rows):
+            if self.chat:
+                yield self._chunk({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                   "finish_reason": None})
+            elif self.echo:
+                text = self.tokenizer.decode(row.prompt_ids, skip_special_tokens=False)
+                logprobs = None
+                if self.want_logprobs:
+                    n = len(row.prompt_ids) - 1
+                    logprobs = _completion_logprobs(Row(row.prompt_ids, 0, row.top_logprobs, None, True, [], False,
+                                                        row.token_logprobs[:n], row.top[:n]), [], self.tokenizer, True)
+                    offsets[i] = sum(len(t) for t in logprobs["tokens"])
+                yield self._chunk({"index": i, "text": text, "logprobs": logprobs, "finish_reason": None})
+
+    def _item(self, i: int, piece: str, logprobs: dict | None, reason: str | None) -> dict:
+        if self.chat:
+            item = {"index": i, "delta": {"content": piece}, "logprobs": logprobs, "finish_reason": reason}
+        else:
+            item = {"index": i, "text": piece, "logprobs": logprobs, "finish_reason": reason}
+        row = self.rows[i]
+        if reason and row.candidate_ids:
+            item["candidate_logprobs"] = dict(zip(self.req.candidate_tokens, row.candidate_logprobs, strict=True))
+        return item
+
+    async def __aiter__(self):
+        settings, rows = self.settings, self.rows
+        events: asyncio.Queue = asyncio.Queue()
+        task = asyncio.ensure_future(self.engine.submit(rows, settings.temperature, settings.top_p, self.req.seed,
+                                                        settings.min_tokens, events=events))
+        detoks = [_Detok(self.tokenizer, settings.stop) for _ in rows]
+        offsets = [0] * len(rows)
+        try:
+            if self.echo and self.want_logprobs:
+                # the prompt's log-probs are scored before the first token; wait for it before the echo chunk
+                first = await events.get()
+                pending = [first]
+            else:
+                pending = []
+            for chunk in self._first_chunks(offsets):
+                yield chunk
+            while True:
+                batch = pending.pop(0) if pending else await events.get()
+                if batch is None:
+                    break
+                for event in batch:
+                    i, detok = event.row, detoks[event.row]
+                    if detok.reason:
+                        continue  # ended by a stop string; the engine may still be decoding it
+                    piece = detok.push(event.token, eos=event.eos, last=event.done and not event.eos)
+                    logprobs = self._token_logprobs(event, offsets[i])
+                    if logprobs and not self.chat:
+                        offsets[i] += len(logprobs["tokens"][0])
+                    if detok.reason:
+                        rows[i].cancelled = True
+                    yield self._chunk(self._item(i, piece, logprobs, detok.reason))
+            try:
+                await task
+            except Exception as error:  # noqa: BLE001 - the status is already sent: report it in the stream
+                yield {"error": {"message": f"internal error: {type(error).__name__}: {error}", "type": "server_error",
+                                 "param": None, "code": None}}
+                return
+            for i, detok in enumerate(detoks):
+                if not detok.reason:  # a row the engine stopped early (not expected): close it
+                    detok.reason = "length"
+                    yield self._chunk(self._item(i, detok._release(len(detok.text)), None, "length"))
+            if _include_usage(self.req):
+                prompt_tokens = sum(len(p) for p in self.prompts)
+                completion_tokens = sum(d.generated for d in detoks)
+                yield {**self.head, "choices": [],
+                       "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                                 "total_tokens": prompt_tokens + completion_tokens}}
+        finally:
+            for row in rows:
+                row.cancelled = True
+            if not task.done():
+                task.cancel()

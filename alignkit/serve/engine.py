@@ -12,6 +12,17 @@ Log-probabilities are those of the model itself (temperature 1, no top-p), as Op
 are recomputed by one batched no-grad forward over prompt + response after sampling: the sampler only knows
 the log-prob of the token it drew under the tempered, filtered distribution, and top-k alternatives and
 judge candidates need the whole next-token distribution at each position.
+
+Streaming (a job with an ``events`` queue): the sampler calls back after every decode step (``sample``'s
+``on_step``), and each streaming row's new token goes to its job's queue at once, with its log-prob and top-k
+taken from that step's logits (the model's own, before temperature and top-p) instead of the forward afterwards.
+Rows of streaming and non-streaming requests share a batch. A row is done at its EOS or its own max_tokens; the
+HTTP side marks a row ``cancelled`` when it needs no more tokens (a stop string, a client gone), and the batch
+stops early once every row is done or cancelled.
+
+Scheduling: one batch decodes at a time (no continuous batching). Requests that arrive while it decodes wait in
+the queue and all join the next batch, which starts as soon as the current one ends (they are already queued,
+so no ``wait_ms`` is spent on them), up to ``max_batch`` rows.
 """
 
 from __future__ import annotations
@@ -24,7 +35,7 @@ import torch
 from torch import Tensor
 
 from alignkit.models import unwrap
-from alignkit.rollout import SamplingConfig, sample
+from alignkit.rollout import SamplingConfig, _eos_ids, sample
 
 HEAD_CHUNK = 512  # positions per LM-head matmul in the log-prob forward: (512, 49k) fp32 logits = 100 MB
 SCORE_TOKENS = 8192  # padded tokens per backbone forward of the log-prob pass
@@ -45,6 +56,8 @@ class Row:
     token_logprobs: list[float] = field(default_factory=list)  # for echo: prompt tokens (from the 2nd), then tokens
     top: list[list[tuple[int, float]]] = field(default_factory=list)  # same positions, k best (id, log-prob)
     candidate_logprobs: list[float] = field(default_factory=list)
+    done: bool = False  # streaming: EOS drawn or max_tokens reached (set by the worker)
+    cancelled: bool = False  # streaming: the HTTP side needs no more tokens of this row (set by the event loop)
 
 
 @dataclass
@@ -56,6 +69,8 @@ class Job:
     future: asyncio.Future
     min_tokens: int = 0  # EOS banned before this many tokens (vLLM's min_tokens)
     number: int = 0  # arrival order, makes a seeded job its own group
+    # streaming: per decode step one list of StepEvents, then None once the job has ended (result or error)
+    events: asyncio.Queue | None = None
 
     @property
     def key(self) -> tuple:
@@ -64,6 +79,18 @@ class Job:
         if self.temperature == 0:
             return ("greedy", self.min_tokens)
         return ("sample", self.temperature, self.top_p, self.min_tokens)
+
+
+@dataclass
+class StepEvent:
+    """One new token of a streaming row. ``logprob``/``top`` are set when the row asked for log-probs."""
+
+    row: int  # index in the job's rows
+    token: int
+    done: bool  # the row's last token (EOS, or its max_tokens reached)
+    eos: bool
+    logprob: float | None = None
+    top: list[tuple[int, float]] | None = None
 
 
 class Engine:
@@ -77,6 +104,7 @@ class Engine:
         self.max_pending = max_pending  # jobs queued or running; more -> the caller answers 429
         self.pending = 0
         self.batches: list[int] = []  # rows per sample() call, for tests and the bench
+        self.steps = 0  # decode steps run while streaming rows were in the batch (tests watch it move)
         self._queue: asyncio.Queue[Job] | None = None
         self._task: asyncio.Task | None = None
         self._numbers = itertools.count()
@@ -104,15 +132,19 @@ class Engine:
         return self.pending >= self.max_pending
 
     async def submit(self, rows: list[Row], temperature: float, top_p: float, seed: int | None = None,
-                     min_tokens: int = 0) -> list[Row]:
+                     min_tokens: int = 0, events: asyncio.Queue | None = None) -> list[Row]:
+        """Queue the rows and wait for them to be decoded. With ``events``, every new token of a row is also put
+        there as it is decoded (lists of ``StepEvent``; None at the end)."""
         future = asyncio.get_running_loop().create_future()
-        job = Job(rows, temperature, top_p, seed, future, min_tokens, next(self._numbers))
+        job = Job(rows, temperature, top_p, seed, future, min_tokens, next(self._numbers), events)
         self.pending += 1
         try:
             self._queue.put_nowait(job)
             return await future
         finally:
             self.pending -= 1
+            if events is not None:
+                events.put_nowait(None)
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -148,7 +180,7 @@ class Engine:
                 groups.setdefault(job.key, []).append(job)
         for group in groups.values():
             try:
-                await asyncio.to_thread(self._run_group, group)
+                await asyncio.to_thread(self._run_group, group, asyncio.get_running_loop())
             except Exception as error:  # noqa: BLE001 - reported to each waiting request as a 500
                 for job in group:
                     if not job.future.done():
@@ -160,12 +192,13 @@ class Engine:
 
     # -- worker-thread side ---------------------------------------------------------------------------------
 
-    def _run_group(self, jobs: list[Job]) -> None:
+    def _run_group(self, jobs: list[Job], loop: asyncio.AbstractEventLoop | None = None) -> None:
         first = jobs[0]
-        rows = [row for job in jobs for row in job.rows]
+        owners = [(job, i) for job in jobs for i in range(len(job.rows))]  # (job, index of the row in it)
         generator = torch.Generator().manual_seed(first.seed) if first.seed is not None else None
-        for start in range(0, len(rows), self.max_batch):
-            chunk = rows[start : start + self.max_batch]
+        for start in range(0, len(owners), self.max_batch):
+            chunk_owners = owners[start : start + self.max_batch]
+            chunk = [job.rows[i] for job, i in chunk_owners]
             config = SamplingConfig(
                 max_new_tokens=max(r.max_tokens for r in chunk),
                 min_new_tokens=first.min_tokens,
@@ -174,17 +207,76 @@ class Engine:
                 greedy=first.temperature == 0,
                 dtype=self.dtype,
             )
+            streamed = [job.events is not None for job, _ in chunk_owners]
+            hook, wants_logits = None, False
+            if any(streamed) and loop is not None:
+                # echo's prompt log-probs are sent before the first token: score the prompts now
+                echo = [r for r, s in zip(chunk, streamed, strict=True) if s and r.echo and r.top_logprobs is not None]
+                if echo:
+                    self._score(echo)
+                wants_logits = any(s and (r.top_logprobs is not None or r.candidate_ids)
+                                   for r, s in zip(chunk, streamed, strict=True))
+                hook = self._stream_hook(chunk_owners, streamed, loop)
             rollout = sample(self.model, [r.prompt_ids for r in chunk], config, tokenizer=self.tokenizer,
-                             generator=generator)
+                             generator=generator, on_step=hook, step_logits=wants_logits)
             self.batches.append(len(chunk))
             for i, row in enumerate(chunk):
+                if streamed[i] and hook is not None:
+                    continue  # filled token by token by the hook
                 length = int(rollout.response_mask[i].sum())
                 ended = bool(rollout.ended_with_eos[i]) and length <= row.max_tokens
                 row.tokens = rollout.response_ids[i, : min(length, row.max_tokens)].tolist()
                 row.ended = ended
-            scored = [r for r in chunk if r.top_logprobs is not None or r.candidate_ids]
+            scored = [r for i, r in enumerate(chunk)
+                      if (r.top_logprobs is not None or r.candidate_ids) and not (streamed[i] and hook is not None)]
             if scored:
                 self._score(scored)
+
+    def _stream_hook(self, owners: list[tuple[Job, int]], streamed: list[bool], loop: asyncio.AbstractEventLoop):
+        """The sampler's per-step callback for a batch holding streaming rows: append each streaming row's token
+        (and its log-probs from the step's logits) to the row and post it to the row's job at once."""
+        rows = [job.rows[i] for job, i in owners]
+        eos = set(_eos_ids(unwrap(self.model), self.tokenizer, None))  # the sampler's own EOS ids
+        produced, finished = [0] * len(rows), [False] * len(rows)
+        for row, s in zip(rows, streamed, strict=True):
+            if s:
+                row.tokens, row.done = [], False
+
+        def on_step(t: int, alive: Tensor, tokens: Tensor, logits: Tensor | None) -> bool:
+            self.steps += 1
+            batch_rows, drawn = alive.tolist(), tokens.tolist()
+            logprobs = torch.log_softmax(logits, dim=-1) if logits is not None else None  # (n, V)
+            out: dict[int, tuple[Job, list[StepEvent]]] = {}
+            for k, b in enumerate(batch_rows):
+                if finished[b]:
+                    continue
+                row, token = rows[b], drawn[k]
+                produced[b] += 1
+                finished[b] = token in eos or produced[b] >= row.max_tokens
+                if not streamed[b]:
+                    continue
+                row.tokens.append(token)
+                row.ended, row.done = token in eos, finished[b]
+                event = StepEvent(owners[b][1], token, row.done, row.ended)
+                if logprobs is not None:
+                    if t == 0 and row.candidate_ids:
+                        row.candidate_logprobs = logprobs[k, row.candidate_ids].tolist()
+                    if row.top_logprobs is not None:
+                        event.logprob = float(logprobs[k, token])
+                        event.top = []
+                        if row.top_logprobs > 0:
+                            values, indices = logprobs[k].topk(row.top_logprobs)
+                            event.top = list(zip(indices.tolist(), values.tolist(), strict=True))
+                        row.token_logprobs.append(event.logprob)
+                        row.top.append(event.top)
+                job = owners[b][0]
+                out.setdefault(id(job), (job, []))[1].append(event)
+            for job, events in out.values():
+                loop.call_soon_threadsafe(job.events.put_nowait, events)
+            # stop the batch once no row needs another token (every row at its EOS or max_tokens, or cancelled)
+            return all(f or r.cancelled for f, r in zip(finished, rows, strict=True))
+
+        return on_step
 
     @torch.no_grad()
     def _score(self, rows: list[Row]) -> None:
