@@ -166,3 +166,32 @@ def test_dpo_training_with_and_without_packing_logs_the_same_losses(tiny_model_d
         for k in keys:
             if k in b:
                 assert a[k] == pytest.approx(b[k], abs=2e-4), (k, a, b)
+
+
+def test_sft_padding_free_loss_and_gradients_equal_the_padded_batch():
+    """SFT's default layout (the micro-batch's own examples in shared rows, positions restarting) gives the padded
+    batch's summed NLL and gradients."""
+    from alignkit.algos import sft
+    from alignkit.data import SFTExample
+    from alignkit.data.collate import collate_padding_free, pad_sft
+
+    model, _ = tiny_causal_lm(num_layers=2, hidden_size=64)
+    g = torch.Generator().manual_seed(11)
+    examples = []
+    for n in (9, 30, 4, 17, 12):
+        ids = torch.randint(5, 1000, (n,), generator=g).tolist()
+        examples.append(SFTExample(ids, [-100] * (n // 3) + ids[n // 3:]))
+
+    def run(batch):
+        model.zero_grad()
+        loss, _ = sft.sft_loss(LogprobModel(model), batch)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    padded_batch, free_batch = pad_sft(examples, 0), collate_padding_free(examples, 0)
+    assert free_batch["input_ids"].numel() < padded_batch["input_ids"].numel()
+    assert sft.count_targets(free_batch) == sft.count_targets(padded_batch)
+    padded, free = run(padded_batch), run(free_batch)
+    torch.testing.assert_close(free[0], padded[0], atol=1e-4, rtol=1e-6)
+    for name, grad in padded[1].items():
+        torch.testing.assert_close(free[1][name], grad, atol=1e-5, rtol=1e-4, msg=name)

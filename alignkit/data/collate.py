@@ -10,6 +10,8 @@ import torch
 
 from alignkit.data.examples import IGNORE, SFTExample
 
+PACK_WIDTH = 256  # packed rows hold about this many tokens (more when one prompt and its answers need it)
+
 
 def pad_sft(examples: list[SFTExample], pad_id: int) -> dict[str, torch.Tensor]:
     """(B, L) input_ids / attention_mask / labels, right-padded to the longest example."""
@@ -64,6 +66,14 @@ def collate_packed(rows: list[list[SFTExample]], pad_id: int) -> dict[str, torch
     return {"input_ids": input_ids, "position_ids": position_ids, "labels": labels}
 
 
+def collate_padding_free(examples: list[SFTExample], pad_id: int) -> dict[str, torch.Tensor]:
+    """A micro-batch's examples without padding: first-fit into rows of max(longest, PACK_WIDTH) tokens, laid out
+    as ``collate_packed`` (positions restart per example, so each attends only to itself); same examples, same
+    targets as ``pad_sft``, fewer positions."""
+    capacity = max(PACK_WIDTH, *(len(e.input_ids) for e in examples))
+    return collate_packed(pack_sft(examples, capacity), pad_id)
+
+
 def pad_prompt_completions(
     rows: list[tuple[list[int], list[int]]], pad_id: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -79,9 +89,6 @@ def pad_prompt_completions(
         attention_mask[i, :n] = 1
         target_mask[i, len(prompt) : n] = True
     return input_ids, attention_mask, target_mask
-
-
-PACK_WIDTH = 256  # packed rows hold about this many tokens (more when one prompt and its answers need it)
 
 
 def pack_prompt_groups(
