@@ -40,7 +40,7 @@ def test_layout_by_hand():
         [0, 0, 0, 0, 0, 1, 0],  # another group: nothing of the first
         [0, 0, 0, 0, 0, 1, 1],
     ]
-    # without sharing, each answer carries its own prompt copy; rows are balanced (2 rows of <= 5, not 4 + 1)
+    # without sharing, each answer carries its own prompt copy; 9 tokens in ceil(9 / 5) = 2 balanced rows (4, 5)
     plain = pack_prompt_groups([([11, 12], [[13], [14, 15]]), ([], [[16, 17]])], pad_id=0, share_prompt=False, width=5)
     assert plain["input_ids"].shape == (2, 5)
     assert sorted(plain["lengths"].tolist()) == [1, 2, 2]
@@ -112,8 +112,8 @@ def test_dpo_packed_under_bf16_autocast_equals_padded_to_bf16_precision():
     assert not torch.equal(packed[0], exact[0])  # bf16 really ran
     # summed over up to 8 tokens of ~11 nats each: bf16's ~3 significant digits
     torch.testing.assert_close(packed[0], padded[0], atol=0.1, rtol=1e-2)
-    for name, grad in padded[2].items():
-        torch.testing.assert_close(packed[2][name], grad, atol=2e-2, rtol=5e-2, msg=name)
+    for name, grad in padded[2].items():  # bf16 rounds to 2^-8 relative: gradients agree to ~0.5% in norm
+        assert (packed[2][name] - grad).norm() <= 2e-2 * grad.norm(), name
 
 
 def test_rm_packed_rewards_and_gradients_equal_the_padded_forward():

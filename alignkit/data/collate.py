@@ -97,10 +97,11 @@ def pack_prompt_groups(
     """Padding-free rows for ``groups`` of (prompt, responses); responses are numbered group by group.
 
     With ``share_prompt`` a prompt appears once, followed by all its responses; without, every response gets its own
-    copy of the prompt (plain sequence packing). Groups share rows (first-fit decreasing into rows of about
-    ``width`` (default PACK_WIDTH) tokens, balanced so the last row is not mostly padding). A (R, 1, L, L) boolean mask lets each token
-    see the earlier tokens of its own response and of its prompt, nothing else, and each response's position ids
-    continue from its prompt: every response is computed exactly as if it were alone after its prompt.
+    copy of the prompt (plain sequence packing). Groups share ceil(tokens / ``width``) rows (default PACK_WIDTH),
+    the largest first onto the least-filled row, so rows are nearly equal and padding is small. A (R, 1, L, L)
+    boolean mask lets each token see the earlier tokens of its own response and of its prompt, nothing else, and
+    each response's position ids continue from its prompt: every response is computed exactly as if it were alone
+    after its prompt.
 
     Returns input_ids, position_ids (R, L); attention_mask (R, 1, L, L) bool; ``last`` (N,): the flat index into
     the (R·L) positions of each response's last token; for the LM head, per response token that has a predictor
@@ -111,19 +112,14 @@ def pack_prompt_groups(
     if not share_prompt:  # one group per (prompt, response), numbered in the same order
         groups = [(prompt, [response]) for prompt, responses in groups for response in responses]
     sizes = [len(prompt) + sum(map(len, responses)) for prompt, responses in groups]
-    n_rows = -(-sum(sizes) // width)
-    capacity = max(-(-sum(sizes) // n_rows), *sizes)
-    rows: list[list[int]] = []
-    room: list[int] = []
+    # ceil(total / width) rows; largest group first onto the least-filled row, so rows end up nearly equal
+    fill = [0] * max(1, min(len(groups), -(-sum(sizes) // width)))  # every row gets a group
+    rows: list[list[int]] = [[] for _ in fill]
     for g in sorted(range(len(groups)), key=lambda g: -sizes[g]):
-        slot = next((r for r, free in enumerate(room) if free >= sizes[g]), None)
-        if slot is None:
-            rows.append([])
-            room.append(capacity)
-            slot = len(rows) - 1
+        slot = min(range(len(fill)), key=fill.__getitem__)
         rows[slot].append(g)
-        room[slot] -= sizes[g]
-    length = max(capacity - free for free in room)
+        fill[slot] += sizes[g]
+    length = max(fill)
     input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
     position_ids = torch.zeros((len(rows), length), dtype=torch.long)
     unit = torch.full((len(rows), length), -1, dtype=torch.long)  # group of each position; -1: padding
