@@ -36,6 +36,7 @@ def token_logprobs(
     temperature: float = 1.0,
     with_entropy: bool = False,
     shared_prefix: int = 0,
+    at: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """log p(input_ids[:, t] | input_ids[:, :t]) at every t where ``target_mask[:, t]`` is set; 0 elsewhere.
 
@@ -44,6 +45,10 @@ def token_logprobs(
     With ``with_entropy`` also returns the entropy of the predictive distribution at the same positions.
     ``shared_prefix`` n > 0: the first n columns are a prompt that consecutive rows may repeat (a GRPO group);
     see ``backbone_hidden``.
+    ``at`` = (target_index, source_index) (T,) each, flat indices into the (B·L) positions: the padding-free
+    layout of ``alignkit.data.collate.pack_prompt_groups``, where the token at target_index[i] is predicted by the
+    hidden state at source_index[i] (not always the previous position: a prompt shared by several responses
+    predicts each one's first token). Then ``target_mask`` is unused and the result is those T log-probs (T,).
     """
     backbone, head = _backbone_and_head(model)
     if isinstance(head.weight, DTensor):
@@ -51,6 +56,11 @@ def token_logprobs(
         raise RuntimeError("a pass reads FSDP-sharded weights outside the sharded module: call "
                            "engine.no_grad_module(...) or run it inside engine.gathered()")
     hidden = backbone_hidden(backbone, input_ids, attention_mask, position_ids, shared_prefix)
+    if at is not None:
+        target_index, source_index = at
+        picked, _ = _head_logprobs(hidden.flatten(0, 1)[source_index], head, input_ids.flatten()[target_index],
+                                   temperature, False)
+        return picked
     return logprobs_from_hidden(hidden, head, input_ids, target_mask, temperature, with_entropy)
 
 
@@ -107,17 +117,21 @@ def logprobs_from_hidden(
     where_b, where_t = target_mask.nonzero(as_tuple=True)
     selected = hidden[where_b, where_t - 1]  # (N, H)
     targets = input_ids[where_b, where_t]  # (N,)
-    if type(head) is nn.Linear:
-        # under no_grad (reference, old policy) nothing is kept for a backward
-        for_backward = torch.is_grad_enabled() and (selected.requires_grad or head.weight.requires_grad)
-        picked, entropy = HeadLogprobs.apply(selected, head.weight, head.bias, targets, temperature, with_entropy,
-                                             for_backward)
-    else:  # e.g. a head wrapped by an adapter: the generic path
-        picked, entropy = _generic_head_logprobs(selected, head, targets, temperature, with_entropy)
+    picked, entropy = _head_logprobs(selected, head, targets, temperature, with_entropy)
     out = hidden.new_zeros(input_ids.shape, dtype=torch.float32).index_put((where_b, where_t), picked)
     if not with_entropy:
         return out
     return out, hidden.new_zeros(input_ids.shape, dtype=torch.float32).index_put((where_b, where_t), entropy.detach())
+
+
+def _head_logprobs(selected, head, targets, temperature, with_entropy):
+    """(N, H) hidden states, (N,) targets -> (N,) log-probs and entropies, through the fused head when it is a
+    plain linear layer."""
+    if type(head) is nn.Linear:
+        # under no_grad (reference, old policy) nothing is kept for a backward
+        for_backward = torch.is_grad_enabled() and (selected.requires_grad or head.weight.requires_grad)
+        return HeadLogprobs.apply(selected, head.weight, head.bias, targets, temperature, with_entropy, for_backward)
+    return _generic_head_logprobs(selected, head, targets, temperature, with_entropy)  # e.g. an adapter-wrapped head
 
 
 def _generic_head_logprobs(selected, head, targets, temperature, with_entropy):
@@ -213,6 +227,12 @@ class LogprobModel(nn.Module):
         self.lm = lm
 
     def forward(self, input_ids, target_mask, attention_mask=None, position_ids=None, temperature: float = 1.0,
-                shared_prefix: int = 0):
+                shared_prefix: int = 0, at: tuple[torch.Tensor, torch.Tensor] | None = None):
         return token_logprobs(self.lm, input_ids, target_mask, attention_mask, position_ids, temperature,
-                              shared_prefix=shared_prefix)
+                              shared_prefix=shared_prefix, at=at)
+
+
+def can_pack(model) -> bool:
+    """Padding-free layouts pass a (R, 1, L, L) boolean block mask: SDPA attention takes it as is (eager adds a
+    mask as a float, flash-attention takes none)."""
+    return getattr(unwrap(model).config, "_attn_implementation", None) == "sdpa"

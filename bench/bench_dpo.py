@@ -1,12 +1,22 @@
 """alignkit DPO vs TRL's DPOTrainer, side by side in one run, on the same pairs, model and hyperparameters.
 
-    .venv/bin/python bench/bench_dpo.py [--models smollm2,tiny] [--pairs 64]
+    .venv/bin/python bench/bench_dpo.py [--models smollm2,tiny] [--pairs 64] [--skip-trl]
 
 Workload (issue #3): 64 preference pairs, batch 8, max length 128, one epoch, full fine-tune, on SmolLM2-135M
 and on a tiny 2-layer/128-wide llama with the SmolLM2 vocabulary. TRL runs at its fastest setting on this
-machine (no gradient checkpointing; bf16 only where the CPU has native bf16, as for alignkit). Prints wall
-time, pairs/s, peak RSS and the ratio, and checks that both trained models reach the same DPO loss on the
-training pairs (each evaluated by the same code against the same initial reference).
+machine (no gradient checkpointing; bf16 only where the CPU has native bf16, as for alignkit). alignkit runs twice:
+padding-free (its default, ``--packing``) and with ``--no-packing`` (one right-padded row per answer: the layout
+before padding-free packing), so before/after and the peer come from one run.
+
+Every run is its own process (its peak RSS is its own). Printed per run: end-to-end time (process start to saved
+model), the median steady-state step time (step k−1 -> k from the trainer's own log, k >= 2), start-up = end to
+end − steps x steady step (load, tokenising, alignkit's reference pass, the first step's warm-up, saving), and peak
+RSS. The FLOP bound is at this machine's measured matmul rate for the precision used (``flops.py``): per steady
+step the policy's forward + backward over the step's real tokens (LM head at response tokens only; each pair's
+prompt counted twice, as the padded algorithm computes it; the bound with the prompt counted once is printed
+beside it), end to end plus one reference forward. On a CPU with native bf16 the fp32 runs are printed too. The
+DPO loss of each trained model on the pairs (same evaluation code, same initial reference) checks that all runs
+trained the same thing.
 """
 
 from __future__ import annotations
@@ -14,9 +24,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import random
 import resource
 import shutil
+import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -43,11 +57,7 @@ def make_pairs(n: int, seed: int = 0) -> list[dict]:
     return rows
 
 
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def run_alignkit(model_path: str, data: Path, out: Path, precision: str) -> float:
+def run_alignkit(model_path: str, data: Path, out: Path, precision: str, packing: bool) -> dict:
     from alignkit.algos import dpo
     from alignkit.config import DataConfig, ModelConfig
     from alignkit.engine import TrainConfig
@@ -57,30 +67,71 @@ def run_alignkit(model_path: str, data: Path, out: Path, precision: str) -> floa
         data=DataConfig(data=str(data), max_length=128),
         train=TrainConfig(output_dir=str(out), epochs=1, batch_size=8, lr=5e-6, schedule="linear",
                           warmup_ratio=0.0, mixed_precision=precision, report_to="none", progress=False),
+        packing=packing,
     )
-    start = time.perf_counter()
     dpo.train(cfg)
-    return time.perf_counter() - start
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {"step_ends": [r["time"] for r in rows if "loss" in r]}
 
 
-def run_trl(model_path: str, data: Path, out: Path, bf16: bool) -> float:
+def run_trl(model_path: str, data: Path, out: Path, bf16: bool) -> dict:
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
     rows = [json.loads(line) for line in data.read_text().splitlines()]
-    start = time.perf_counter()
+    ends: list[float] = []
+
+    class StepEnds(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            ends.append(time.perf_counter())
+
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     args = DPOConfig(output_dir=str(out), per_device_train_batch_size=8, num_train_epochs=1, learning_rate=5e-6,
                      lr_scheduler_type="linear", max_length=128, gradient_checkpointing=False, bf16=bf16,
                      logging_steps=1, report_to=[], save_strategy="no", beta=0.1, use_cpu=True,
                      dataloader_num_workers=0, disable_tqdm=True)
-    trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+    trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+                         callbacks=[StepEnds()])
     trainer.train()
     model.save_pretrained(out / "final")
     tokenizer.save_pretrained(out / "final")
-    return time.perf_counter() - start
+    return {"step_ends": [t - STARTED for t in ends]}
+
+
+STARTED = time.perf_counter()  # the worker process's own start (imports included, as a user's run pays them)
+
+
+def worker(args: argparse.Namespace) -> None:
+    data, out = Path(args.data), Path(args.out)
+    if args.worker == "trl":
+        result = run_trl(args.model, data, out, args.precision == "bf16")
+    else:
+        result = run_alignkit(args.model, data, out, args.precision, packing=args.worker == "alignkit")
+    result["total_s"] = time.perf_counter() - STARTED
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    result["peak_rss_mb"] = usage.ru_maxrss / 1024
+    result["cpu_s"] = usage.ru_utime + usage.ru_stime  # steadier than wall time on a shared machine
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def launch(kind: str, model: str, data: Path, out: Path, precision: str, threads: int = 0) -> dict:
+    command = [sys.executable, __file__, "--worker", kind, "--model", model, "--data", str(data), "--out", str(out),
+               "--precision", precision]
+    load = os.getloadavg()[0]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if done.returncode or not lines:
+        raise RuntimeError(f"{kind} failed:\n{done.stderr[-3000:]}")
+    result = json.loads(lines[-1][len("RESULT "):])
+    ends = result["step_ends"]
+    result["step_s"] = statistics.median([b - a for a, b in zip(ends, ends[1:])]) if len(ends) > 1 else ends[0]
+    result["startup_s"] = result["total_s"] - len(ends) * result["step_s"]
+    result["steps"] = len(ends)
+    result["load"] = (load + os.getloadavg()[0]) / 2
+    return result
 
 
 @torch.no_grad()
@@ -111,9 +162,10 @@ def dpo_loss_on(model_dir: Path, init_path: str, data: Path) -> float:
     return total / len(items)
 
 
-def flop_bound(model_path: str, data: Path, gflops: float) -> tuple[float, float]:
-    """(TFLOP, seconds) that one epoch cannot go below: policy forward + backward over every real token (LM head
-    at response tokens only), plus one reference forward of the same tokens."""
+def flop_bounds(model_path: str, data: Path, gflops: float) -> dict[str, float]:
+    """Seconds nothing can go below at ``gflops``: ``step`` a steady step's policy forward + backward (real tokens,
+    each pair's prompt twice; LM head at response tokens), ``step_shared`` the same with each prompt once, and
+    ``epoch`` the whole epoch plus one reference forward of the same tokens."""
     from flops import linear_params, train_flops
 
     from alignkit.data import preference_example, read_examples
@@ -121,27 +173,43 @@ def flop_bound(model_path: str, data: Path, gflops: float) -> tuple[float, float
 
     model, tokenizer = load_model(model_path)
     examples = read_examples(str(data), preference_example, tokenizer, 128)
-    tokens = sum(2 * len(e.prompt_ids) + len(e.chosen_ids) + len(e.rejected_ids) for e in examples)
+    prompts = sum(len(e.prompt_ids) for e in examples)
     responses = sum(len(e.chosen_ids) + len(e.rejected_ids) for e in examples)
     body, head = linear_params(model)
-    flop = train_flops(body, head, tokens, responses, tokens, responses)
-    return flop / 1e12, flop / (gflops * 1e9)
+    steps = -(-len(examples) // 8)
+    rate = gflops * 1e9
+    return {"step": train_flops(body, head, 2 * prompts + responses, responses) / steps / rate,
+            "step_shared": train_flops(body, head, prompts + responses, responses) / steps / rate,
+            "epoch": train_flops(body, head, 2 * prompts + responses, responses, 2 * prompts + responses, responses) / rate}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--models", default="tiny,smollm2")
     parser.add_argument("--pairs", type=int, default=64)
+    parser.add_argument("--skip-trl", action="store_true")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads per run (0: torch's default); 1 avoids OpenMP stalls on a busy machine")
+    parser.add_argument("--worker", choices=["alignkit", "alignkit-padded", "trl"], help=argparse.SUPPRESS)
+    for hidden in ("--model", "--data", "--out", "--precision"):
+        parser.add_argument(hidden, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.worker:
+        return worker(args)
     from alignkit.models import bf16_is_fast, resolve, tiny_causal_lm
 
     bf16 = bf16_is_fast()
     work = Path(tempfile.mkdtemp(prefix="bench-dpo-"))
     data = work / "pairs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in make_pairs(args.pairs)))
-    gflops = matmul_gflops(torch.bfloat16 if bf16 else torch.float32)
-    print(f"threads {torch.get_num_threads()}, bf16 {'on' if bf16 else 'off (no native bf16 on this CPU)'}, "
-          f"matmul {gflops:.0f} GFLOP/s")
+    precisions = ["bf16", "no"] if bf16 else ["no"]
+    if args.threads:
+        torch.set_num_threads(args.threads)  # the matmul rate at the runs' thread count
+    rates = {p: matmul_gflops(torch.bfloat16 if p == "bf16" else torch.float32) for p in precisions}
+    print(f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, bf16 "
+          f"{'native' if bf16 else 'emulated: off (no native bf16 on this CPU)'}, matmul "
+          + ", ".join(f"{'bf16' if p == 'bf16' else 'fp32'} {r:.0f} GFLOP/s" for p, r in rates.items())
+          + f"; load average {os.getloadavg()[0]:.1f}", flush=True)
     for name in args.models.split(","):
         if name == "tiny":
             model, tokenizer = tiny_causal_lm(num_layers=2, hidden_size=128)
@@ -151,22 +219,30 @@ def main() -> None:
             path = str(path)
         else:
             path = resolve("smollm2-135m")
-        t_ours = run_alignkit(path, data, work / f"ours-{name}", "bf16" if bf16 else "no")
-        rss_ours = peak_rss_mb()
-        print(f"[{name}] alignkit done in {t_ours:.1f} s", flush=True)
-        t_trl = run_trl(path, data, work / f"trl-{name}", bf16)
-        print(f"[{name}] TRL done in {t_trl:.1f} s", flush=True)
-        rss_both = peak_rss_mb()
-        loss_ours = dpo_loss_on(work / f"ours-{name}" / "final", path, data)
-        loss_trl = dpo_loss_on(work / f"trl-{name}" / "final", path, data)
-        print(f"[{name}] alignkit {t_ours:7.1f} s ({args.pairs / t_ours:5.2f} pairs/s, peak RSS {rss_ours:.0f} MB) | "
-              f"TRL best {t_trl:7.1f} s ({args.pairs / t_trl:5.2f} pairs/s, peak RSS so far {rss_both:.0f} MB) | "
-              f"speed-up {t_trl / t_ours:4.2f}x")
-        tflop, bound = flop_bound(path, data, gflops)
-        print(f"[{name}] FLOP bound: {tflop:.2f} TFLOP = {bound:.1f} s at {gflops:.0f} GFLOP/s; "
-              f"alignkit {t_ours / bound:.1f}x the bound, TRL {t_trl / bound:.1f}x")
-        print(f"[{name}] DPO loss on the pairs after one epoch (start 0.6931): alignkit {loss_ours:.4f}, TRL {loss_trl:.4f}, "
-              f"|diff| {abs(loss_ours - loss_trl):.4f}")
+        for precision in precisions:
+            label = "bf16" if precision == "bf16" else "fp32"
+            kinds = ["alignkit", "alignkit-padded"] + ([] if args.skip_trl else ["trl"])
+            results = {}
+            for kind in kinds:
+                results[kind] = launch(kind, path, data, work / f"{kind}-{name}-{label}", precision, args.threads)
+                print(f"[{name} {label}] {kind} done: {results[kind]['total_s']:.1f} s", flush=True)
+            bound = flop_bounds(path, data, rates[precision])
+            ours = results["alignkit"]
+            print(f"\n[{name}, {label}] {args.pairs} pairs, batch 8, 1 epoch. FLOP bound at {rates[precision]:.0f} "
+                  f"GFLOP/s: steady step {bound['step']:.2f} s (prompt once: {bound['step_shared']:.2f} s), "
+                  f"epoch with reference {bound['epoch']:.1f} s")
+            print(f"{'run':<26} {'end to end':>10} {'start-up':>9} {'step':>7} {'step/bound':>10} {'e2e/bound':>9} "
+                  f"{'peak RSS':>9} {'CPU':>7} {'load':>5} {'vs alignkit':>11}")
+            for kind, r in results.items():
+                who = {"alignkit": "alignkit (padding-free)", "alignkit-padded": "alignkit --no-packing",
+                       "trl": "TRL DPOTrainer (best)"}[kind]
+                print(f"{who:<26} {r['total_s']:9.1f}s {r['startup_s']:8.1f}s {r['step_s']:6.2f}s "
+                      f"{r['step_s'] / bound['step']:9.2f}x {r['total_s'] / bound['epoch']:8.2f}x "
+                      f"{r['peak_rss_mb']:7.0f}MB {r['cpu_s']:6.0f}s {r['load']:5.1f} {r['total_s'] / ours['total_s']:10.2f}x")
+            losses = {kind: dpo_loss_on(work / f"{kind}-{name}-{label}" / "final", path, data) for kind in results}
+            print("DPO loss on the pairs after one epoch (start 0.6931): "
+                  + ", ".join(f"{k} {v:.4f}" for k, v in losses.items()), flush=True)
+    print(f"machine load at the end: {os.getloadavg()}")
     shutil.rmtree(work, ignore_errors=True)
 
 

@@ -11,8 +11,12 @@ token ids in the same order (TRL gets alignkit's ids pre-tokenised and a sequent
 shuffle), with the same AdamW, learning rate, cosine schedule and clipping, so their per-step losses must agree up
 to rounding; the script checks that. TRL runs at its fastest setting on this machine: no gradient checkpointing,
 bf16 only where the CPU has native bf16 (like alignkit's ``mixed_precision=auto``); ``--trl-defaults`` also runs
-it with its defaults (gradient checkpointing on, bf16 on) on the models named. Each run is its own process, so
-peak RSS is its own. Timings on a shared machine are noisy: the load average is printed next to them.
+it with its defaults (gradient checkpointing on, bf16 on) on the models named. alignkit runs padding-free (its
+default: each prompt once, packed rows) and with ``--no-packing`` (right-padded rows: the before). Each run is its
+own process, so peak RSS is its own. Printed per run: end to end (process start to saved model), the median
+steady-state step (steps 2..), start-up = end to end − steps x steady step, and their multiples of the FLOP bound
+at this machine's matmul rate for the precision used (fp32 runs too where the CPU has native bf16). Timings on a
+shared machine are noisy: the load average is printed next to them.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import os
 import random
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -79,7 +84,10 @@ def init_checkpoint(name: str, out: Path) -> Path:
 # ----------------------------------------------------------------------------------------------- the workers
 
 
-def run_alignkit(init: str, data: str, out: str) -> dict:
+STARTED = time.perf_counter()  # the worker process's start (imports included)
+
+
+def run_alignkit(init: str, data: str, out: str, packing: bool = True, precision: str = "auto") -> dict:
     from alignkit.algos import rm
     from alignkit.config import DataConfig, ModelConfig
     from alignkit.engine import TrainConfig
@@ -88,19 +96,21 @@ def run_alignkit(init: str, data: str, out: str) -> dict:
         model=ModelConfig(model=init),
         data=DataConfig(data=data, max_length=MAX_LENGTH),
         train=TrainConfig(output_dir=out, epochs=1, batch_size=BATCH, lr=LR, schedule="cosine", seed=SEED,
-                          report_to="none", progress=False),
+                          report_to="none", progress=False, mixed_precision=precision),
+        packing=packing,
     )
     start = time.perf_counter()
     rm.train(cfg)
     total = time.perf_counter() - start
     logs = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
     steps = [m for m in logs if "loss" in m]
-    return {"losses": [m["loss"] for m in steps], "train_s": steps[-1]["time"], "total_s": total}
+    return {"losses": [m["loss"] for m in steps], "train_s": steps[-1]["time"], "total_s": total,
+            "step_ends": [m["time"] for m in steps]}
 
 
-def run_trl(init: str, data: str, out: str, defaults: bool) -> dict:
+def run_trl(init: str, data: str, out: str, defaults: bool, precision: str = "auto") -> dict:
     from datasets import Dataset
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
     from trl import RewardConfig, RewardTrainer
 
     from alignkit.algos.rm import rm_example
@@ -117,26 +127,35 @@ def run_trl(init: str, data: str, out: str, defaults: bool) -> dict:
         "rejected_ids": [examples[i].prompt_ids + examples[i].rejected_ids for i in order],
     })
     model = AutoModelForSequenceClassification.from_pretrained(init, num_labels=1, dtype=torch.float32)
-    speed = {} if defaults else {"gradient_checkpointing": False, "bf16": bf16_is_fast()}
+    speed = {} if defaults else {"gradient_checkpointing": False,
+                                 "bf16": bf16_is_fast() if precision == "auto" else precision == "bf16"}
+    ends: list[float] = []
+
+    class StepEnds(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            ends.append(time.perf_counter() - start)
+
     args = RewardConfig(output_dir=out, per_device_train_batch_size=BATCH, num_train_epochs=1, learning_rate=LR,
                         lr_scheduler_type="cosine", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
                         max_length=MAX_LENGTH, seed=SEED, logging_steps=1, save_strategy="no", report_to=[],
                         use_cpu=True, dataloader_num_workers=0, disable_tqdm=True,
                         train_sampling_strategy="sequential", **speed)
-    trainer = RewardTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+    trainer = RewardTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                            callbacks=[StepEnds()])
     train_start = time.perf_counter()
     trainer.train()
     end = time.perf_counter()
     losses = [m["loss"] for m in trainer.state.log_history if "loss" in m]
-    return {"losses": losses, "train_s": end - train_start, "total_s": end - start,
+    return {"losses": losses, "train_s": end - train_start, "total_s": end - start, "step_ends": ends,
             "setting": f"gradient_checkpointing={args.gradient_checkpointing}, bf16={args.bf16}"}
 
 
 def worker(args: argparse.Namespace) -> None:
-    if args.worker == "alignkit":
-        result = run_alignkit(args.init, args.data, args.out)
+    if args.worker.startswith("alignkit"):
+        result = run_alignkit(args.init, args.data, args.out, args.worker == "alignkit", args.precision)
     else:
-        result = run_trl(args.init, args.data, args.out, defaults=args.worker == "trl-defaults")
+        result = run_trl(args.init, args.data, args.out, args.worker == "trl-defaults", args.precision)
+    result["process_s"] = time.perf_counter() - STARTED
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     result["cpu_s"] = time.process_time()
     print("RESULT " + json.dumps(result), flush=True)
@@ -145,15 +164,20 @@ def worker(args: argparse.Namespace) -> None:
 # ------------------------------------------------------------------------------------------------ the driver
 
 
-def launch(kind: str, init: Path, data: Path, out: Path, threads: int) -> dict:
-    command = [sys.executable, __file__, "--worker", kind, "--init", str(init), "--data", str(data), "--out", str(out)]
+def launch(kind: str, init: Path, data: Path, out: Path, threads: int, precision: str = "auto") -> dict:
+    command = [sys.executable, __file__, "--worker", kind, "--init", str(init), "--data", str(data), "--out", str(out),
+               "--precision", precision]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
     load = os.getloadavg()[0]
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode or not lines:
         raise RuntimeError(f"{kind} failed:\n{done.stderr[-3000:]}")
-    return {**json.loads(lines[-1][len("RESULT "):]), "load": (load + os.getloadavg()[0]) / 2}
+    result = json.loads(lines[-1][len("RESULT "):])
+    ends = result["step_ends"]
+    result["step_s"] = statistics.median([b - a for a, b in zip(ends, ends[1:])]) if len(ends) > 1 else ends[0]
+    result["startup_s"] = result["process_s"] - len(ends) * result["step_s"]
+    return {**result, "load": (load + os.getloadavg()[0]) / 2}
 
 
 def flop_bound(init: Path, data: Path, gflops: float) -> tuple[float, float]:
@@ -180,7 +204,8 @@ def main() -> None:
     parser.add_argument("--tolerance", type=float, default=0.02, help="largest per-step loss difference accepted")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads per run (0: torch's default); 1 avoids OpenMP stalls on a busy machine")
-    parser.add_argument("--worker", choices=["alignkit", "trl", "trl-defaults"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=["alignkit", "alignkit-padded", "trl", "trl-defaults"], help=argparse.SUPPRESS)
+    parser.add_argument("--precision", default="auto", help=argparse.SUPPRESS)
     parser.add_argument("--init", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -196,31 +221,39 @@ def main() -> None:
     print(f"{args.pairs} pairs, batch {BATCH}, max length {MAX_LENGTH}, 1 epoch, lr {LR}; {os.cpu_count()} CPUs, "
           f"torch threads {args.threads or torch.get_num_threads()}, "
           f"bf16 {'native' if bf16_is_fast() else 'emulated (off)'}, load average {os.getloadavg()[0]:.1f}")
-    gflops = matmul_gflops(torch.bfloat16 if bf16_is_fast() else torch.float32)
-    print(f"matmul rate {gflops:.0f} GFLOP/s")
+    precisions = ["bf16", "no"] if bf16_is_fast() else ["no"]
+    rates = {p: matmul_gflops(torch.bfloat16 if p == "bf16" else torch.float32) for p in precisions}
+    print("matmul rate " + ", ".join(f"{'bf16' if p == 'bf16' else 'fp32'} {r:.0f} GFLOP/s" for p, r in rates.items()))
     ok = True
     for name in args.models.split(","):
         init = init_checkpoint(name, work)
-        kinds = ["trl", "alignkit"] + (["trl-defaults"] if name in args.trl_defaults.split(",") else [])
-        results = {kind: launch(kind, init, data, work / f"{kind}-{name}", args.threads) for kind in kinds}
-        ours = results["alignkit"]
-        for kind, r in results.items():
-            label = {"alignkit": "alignkit", "trl": "TRL best", "trl-defaults": "TRL defaults"}[kind]
-            ratio = "" if kind == "alignkit" else f"  alignkit is {r['train_s'] / ours['train_s']:.2f}x faster"
-            print(f"[{name}] {label:12s} train {r['train_s']:7.1f} s ({args.pairs / r['train_s']:6.2f} pairs/s), "
-                  f"process {r['total_s']:7.1f} s, CPU {r['cpu_s']:7.1f} s, peak RSS {r['peak_rss_mb']:6.0f} MB, "
-                  f"load {r['load']:.1f}{ratio}" + (f"  [{r['setting']}]" if "setting" in r else ""))
-        tflop, bound = flop_bound(init, data, gflops)
-        print(f"[{name}] FLOP bound: {tflop:.2f} TFLOP = {bound:.1f} s at {gflops:.0f} GFLOP/s; alignkit "
-              f"{ours['train_s'] / bound:.1f}x the bound, TRL best {results['trl']['train_s'] / bound:.1f}x")
-        for kind in [k for k in results if k != "alignkit"]:
-            theirs = results[kind]["losses"]
-            diff = max(abs(a - b) for a, b in zip(ours["losses"], theirs, strict=True))
-            agree = diff <= args.tolerance and len(theirs) == len(ours["losses"])
-            ok &= agree
-            print(f"[{name}] per-step loss, alignkit vs {kind}: max |diff| {diff:.4f} over {len(theirs)} steps "
-                  f"({'agree' if agree else 'DISAGREE'})\n  alignkit {[round(x, 4) for x in ours['losses']]}\n"
-                  f"  {kind:8s} {[round(x, 4) for x in theirs]}")
+        for precision in precisions:
+            label = "bf16" if precision == "bf16" else "fp32"
+            kinds = ["trl", "alignkit", "alignkit-padded"] + (["trl-defaults"] if name in args.trl_defaults.split(",") else [])
+            results = {kind: launch(kind, init, data, work / f"{kind}-{name}-{label}", args.threads, precision)
+                       for kind in kinds}
+            ours = results["alignkit"]
+            tflop, bound = flop_bound(init, data, rates[precision])
+            steps = len(ours["step_ends"])
+            print(f"\n[{name}, {label}] FLOP bound {tflop:.2f} TFLOP: epoch {bound:.1f} s, steady step {bound / steps:.2f} s "
+                  f"at {rates[precision]:.0f} GFLOP/s (each pair's prompt counted twice)")
+            print(f"{'run':<24} {'end to end':>10} {'start-up':>9} {'step':>7} {'step/bound':>10} {'train/bound':>11} "
+                  f"{'peak RSS':>9} {'load':>5} {'train vs alignkit':>17}")
+            for kind, r in results.items():
+                who = {"alignkit": "alignkit (padding-free)", "alignkit-padded": "alignkit --no-packing",
+                       "trl": "TRL best", "trl-defaults": "TRL defaults"}[kind]
+                print(f"{who:<24} {r['process_s']:9.1f}s {r['startup_s']:8.1f}s {r['step_s']:6.2f}s "
+                      f"{r['step_s'] / (bound / steps):9.2f}x {r['train_s'] / bound:10.2f}x {r['peak_rss_mb']:7.0f}MB "
+                      f"{r['load']:5.1f} {r['train_s'] / ours['train_s']:16.2f}x"
+                      + (f"  [{r['setting']}]" if "setting" in r else ""))
+            for kind in [k for k in results if k != "alignkit"]:
+                theirs = results[kind]["losses"]
+                diff = max(abs(a - b) for a, b in zip(ours["losses"], theirs, strict=True))
+                agree = diff <= args.tolerance and len(theirs) == len(ours["losses"])
+                ok &= agree
+                print(f"[{name}] per-step loss, alignkit vs {kind}: max |diff| {diff:.4f} over {len(theirs)} steps "
+                      f"({'agree' if agree else 'DISAGREE'})\n  alignkit {[round(x, 4) for x in ours['losses']]}\n"
+                      f"  {kind:8s} {[round(x, 4) for x in theirs]}")
     shutil.rmtree(work, ignore_errors=True)
     sys.exit(0 if ok else 1)
 

@@ -9,7 +9,10 @@ reference model. The reference costs as little as possible:
 - its log-probs are precomputed in one no-grad pass before training (``precompute_ref``), by the policy itself
   before its first update, so no second copy of the weights is ever held;
 - with LoRA and ``precompute_ref`` off, the reference is the base model with the adapter disabled;
-- chosen and rejected go through one forward pass (2B rows), and the LM head runs only at response positions.
+- chosen and rejected go through one forward pass, and the LM head runs only at response positions;
+- padding-free (``packing``, on by default): a pair's prompt is computed once, followed by its chosen and its
+  rejected answer, and the pairs of a micro-batch are packed in a few rows with a block-diagonal attention mask
+  (``alignkit.data.collate.pack_prompt_groups``); each answer's log-probs equal those of the padded forward.
 """
 
 from __future__ import annotations
@@ -36,9 +39,9 @@ from alignkit.config import (
     need_data,
 )
 from alignkit.data import DataError, PreferenceExample, preference_example, read_examples
-from alignkit.data.collate import pad_prompt_completions
+from alignkit.data.collate import pack_prompt_groups, pad_prompt_completions
 from alignkit.engine import Engine, TrainConfig, default_threads, distributed_state, total_steps_for
-from alignkit.logprobs import LogprobModel
+from alignkit.logprobs import LogprobModel, can_pack
 from alignkit.models import adapter_disabled, load_model
 
 REFERENCE_FREE = ("simpo", "orpo")
@@ -63,6 +66,8 @@ class DPOConfig:
     orpo_lambda: float = arg(0.1, "ORPO weight λ of the odds-ratio term", check=at_least(0))
     reference: str = arg("", "reference model; empty: the initial policy", check=model_location)
     precompute_ref: bool = arg(True, "compute reference log-probs once before training")
+    packing: bool = arg(True, "padding-free: each prompt once, then its chosen and rejected answers, packed in rows "
+                              "with a block mask (SDPA attention); --no-packing: one right-padded row per answer")
 
     def loss_beta(self) -> float:
         """--beta, or the loss's default when it is not given (0)."""
@@ -121,20 +126,37 @@ def make_objective(cfg: DPOConfig) -> Callable[[PairLogps], tuple[torch.Tensor, 
     return lambda p: fn(p.chosen, p.rejected, p.ref_chosen, p.ref_rejected, cfg.beta, cfg.label_smoothing)
 
 
-def collate_pairs(items: list[tuple[PreferenceExample, float, float]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Chosen rows then rejected rows, right-padded: (2B, L) input_ids / attention_mask / target_mask."""
-    rows = [(e.prompt_ids, e.chosen_ids) for e, _, _ in items] + [(e.prompt_ids, e.rejected_ids) for e, _, _ in items]
-    input_ids, attention_mask, target_mask = pad_prompt_completions(rows, pad_id)
+def collate_pairs(items: list[tuple[PreferenceExample, float, float]], pad_id: int,
+                  pack: bool = False) -> dict[str, torch.Tensor]:
+    """Padded: chosen rows then rejected rows, right-padded: (2B, L) input_ids / attention_mask / target_mask.
+    Packed: ``pack_prompt_groups``'s padding-free rows, each prompt once, with the B chosen answers numbered
+    before the B rejected ones (``target_index`` / ``source_index`` / ``response_index``, ``lengths`` (2B,))."""
+    if pack:
+        batch = pack_prompt_groups([(e.prompt_ids, [e.chosen_ids, e.rejected_ids]) for e, _, _ in items], pad_id)
+        b = len(items)
+        batch["response_index"] = (batch["response_index"] % 2) * b + batch["response_index"] // 2  # (c0, r0, ..) -> (c.., r..)
+        batch["lengths"] = batch["lengths"].view(b, 2).t().reshape(-1)
+        del batch["last"]
+    else:
+        rows = [(e.prompt_ids, e.chosen_ids) for e, _, _ in items] + [(e.prompt_ids, e.rejected_ids) for e, _, _ in items]
+        input_ids, attention_mask, target_mask = pad_prompt_completions(rows, pad_id)
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "target_mask": target_mask}
     ref = torch.tensor([[c, r] for _, c, r in items], dtype=torch.float32)
-    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "target_mask": target_mask,
-             "ref_chosen": ref[:, 0], "ref_rejected": ref[:, 1]}
+    batch.update(ref_chosen=ref[:, 0], ref_rejected=ref[:, 1])
     if any(e.label != 1.0 for e, _, _ in items):
         batch["label"] = torch.tensor([e.label for e, _, _ in items], dtype=torch.float32)
     return batch
 
 
 def pair_logps(module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed response log-probs (2B,) and response lengths (2B,) in one forward pass of a LogprobModel."""
+    """Summed response log-probs (2B,) and response lengths (2B,) in one forward pass of a LogprobModel, from
+    either layout of ``collate_pairs``."""
+    if "source_index" in batch:  # padding-free: (T,) token log-probs, summed per answer
+        token = module(batch["input_ids"], None, batch["attention_mask"], batch["position_ids"],
+                       at=(batch["target_index"], batch["source_index"]))
+        lengths = batch["lengths"]
+        sums = torch.zeros(lengths.shape[0], dtype=token.dtype, device=token.device)
+        return sums.index_add(0, batch["response_index"], token), lengths.float()
     token = module(batch["input_ids"], batch["target_mask"], batch["attention_mask"])
     return token.sum(-1), batch["target_mask"].sum(-1).float()
 
@@ -147,7 +169,7 @@ def _split(logps: torch.Tensor, lengths: torch.Tensor, batch: dict) -> PairLogps
 
 @torch.no_grad()
 def reference_logps(module, examples: list[PreferenceExample], pad_id: int, autocast, batch_size: int = 16,
-                    adapter_off=nullcontext, device: torch.device | None = None) -> list[tuple[PreferenceExample, float, float]]:
+                    adapter_off=nullcontext, device: torch.device | None = None, pack: bool = False) -> list[tuple[PreferenceExample, float, float]]:
     """(example, ref chosen log-prob, ref rejected log-prob) for every example, in one no-grad pass of
     ``module`` (a LogprobModel, or the sharded training module under FSDP: every process then passes all examples,
     so the gathers pair up), inside ``adapter_off()`` (the LoRA reference)."""
@@ -157,7 +179,7 @@ def reference_logps(module, examples: list[PreferenceExample], pad_id: int, auto
     with adapter_off():
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            batch = send_to_device(collate_pairs([(examples[i], 0.0, 0.0) for i in idx], pad_id), device)
+            batch = send_to_device(collate_pairs([(examples[i], 0.0, 0.0) for i in idx], pad_id, pack), device)
             with autocast():
                 logps, _ = pair_logps(module, batch)
             b = len(idx)
@@ -200,13 +222,15 @@ def train(cfg: DPOConfig) -> Path:
     if needs_ref and not cfg.precompute_ref and ref_model is None and not cfg.model.lora:
         raise ValueError("--no-precompute-ref with full fine-tuning needs --reference MODEL (no second copy is made)")
     zeros = [(e, 0.0, 0.0) for e in eval_examples]
+    pack = cfg.packing and can_pack(model) and (ref_model is None or can_pack(ref_model))
     if needs_ref:
         # computed before resume() can load trained weights, so the reference is always the initial policy
         with engine.inference():
             train_items = reference_logps(ref_module, examples, pad_id, engine.autocast, adapter_off=adapter_off,
-                                          device=engine.device) if cfg.precompute_ref else [(e, 0.0, 0.0) for e in examples]
+                                          device=engine.device, pack=pack) \
+                if cfg.precompute_ref else [(e, 0.0, 0.0) for e in examples]
             eval_items = reference_logps(ref_module, eval_examples, pad_id, engine.autocast, adapter_off=adapter_off,
-                                         device=engine.device)
+                                         device=engine.device, pack=pack)
     else:
         train_items, eval_items = [(e, 0.0, 0.0) for e in examples], zeros
 
@@ -231,7 +255,7 @@ def train(cfg: DPOConfig) -> Path:
     def _evaluate() -> dict[str, float]:
         totals: dict[str, float] = {}
         for start in range(0, len(eval_items), 16):
-            batch = engine.to_device(collate_pairs(eval_items[start : start + 16], pad_id))
+            batch = engine.to_device(collate_pairs(eval_items[start : start + 16], pad_id, pack))
             with engine.autocast():
                 logps, lengths = pair_logps(policy, batch)
             per_pair, metrics = objective(_split(logps, lengths, batch))
@@ -240,11 +264,11 @@ def train(cfg: DPOConfig) -> Path:
                 totals[k] = totals.get(k, 0.0) + float(v) * n
         return {f"eval/{k}": v / len(eval_items) for k, v in totals.items()}
 
-    collate = partial(collate_pairs, pad_id=pad_id)
+    collate = partial(collate_pairs, pad_id=pad_id, pack=pack)
     report = evaluate if eval_items else None
     if report is not None and not cfg.train.resume:
         engine.log(report(), step=0)
-    engine.fit(train_items, collate, loss_fn, lambda batch: batch["input_ids"].shape[0] // 2, report)
+    engine.fit(train_items, collate, loss_fn, lambda batch: batch["ref_chosen"].shape[0], report)
     if report is not None:
         final = report()
         engine.log(final)

@@ -37,6 +37,7 @@ from alignkit.data import (
     ranked_example,
     read_examples,
 )
+from alignkit.data.collate import pack_prompt_groups
 from alignkit.data.examples import split_implicit_prompt, split_prompt_turns
 from alignkit.data.records import Record
 from alignkit.engine import Engine, TrainConfig, default_threads, distributed_state, total_steps_for
@@ -222,19 +223,15 @@ def _plain(value: Any) -> Any:
     return value
 
 
-PACK_WIDTH = 256  # packed rows hold up to this many tokens (more when one prompt and its answers need it)
-
-
 def _layout(groups: list[tuple[list[int], list[list[int]]]], pad_id: int, pack: bool) -> dict[str, torch.Tensor]:
     """Rows of tokens for ``groups`` of (prompt, responses), and ``last``: the flat index, in the (R·L) positions,
     of each response's last token, group by group.
 
     Padded: one prompt + response per row, right-padded, with a (R, L) attention mask: what any model accepts.
-    Packed: a prompt appears once, followed by all its responses, and several such groups share a row (first-fit
-    decreasing). A (R, 1, L, L) boolean mask lets each token see the earlier tokens of its own response and of
-    its prompt, nothing else; each response's position ids continue from its prompt. Every response is computed
-    exactly as if it were alone after its prompt, while the prompt is computed once instead of K times and
-    there is little padding: the pairs of issue #3's benchmark need 0.53x the positions of padded rows."""
+    Packed (``alignkit.data.collate.pack_prompt_groups``): a prompt appears once, followed by all its responses,
+    and several such groups share a row; a (R, 1, L, L) boolean block mask keeps every response exactly as if it
+    were alone after its prompt, while the prompt is computed once instead of K times and there is little
+    padding: the pairs of issue #3's benchmark need 0.53x the positions of padded rows."""
     if not pack:
         sequences = [prompt + response for prompt, responses in groups for response in responses]
         width = max(map(len, sequences))
@@ -246,45 +243,8 @@ def _layout(groups: list[tuple[list[int], list[list[int]]]], pad_id: int, pack: 
         last = torch.arange(len(sequences)) * width + attention_mask.sum(-1) - 1
         return {"input_ids": input_ids, "attention_mask": attention_mask, "last": last}
 
-    sizes = [len(prompt) + sum(map(len, responses)) for prompt, responses in groups]
-    capacity = max(PACK_WIDTH, *sizes)
-    rows: list[list[int]] = []
-    room: list[int] = []
-    for g in sorted(range(len(groups)), key=lambda g: -sizes[g]):
-        slot = next((r for r, free in enumerate(room) if free >= sizes[g]), None)
-        if slot is None:
-            rows.append([])
-            room.append(capacity)
-            slot = len(rows) - 1
-        rows[slot].append(g)
-        room[slot] -= sizes[g]
-    width = max(capacity - free for free in room)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
-    unit = torch.full((len(rows), width), -1, dtype=torch.long)  # group of each position; -1: padding
-    segment = torch.zeros((len(rows), width), dtype=torch.long)  # 0: prompt, k + 1: response k
-    first = [0] + torch.tensor([len(responses) for _, responses in groups]).cumsum(0).tolist()
-    last = torch.empty(first[-1], dtype=torch.long)
-    for r, row in enumerate(rows):
-        start = 0
-        for g in row:
-            prompt, responses = groups[g]
-            input_ids[r, start : start + len(prompt)] = torch.tensor(prompt, dtype=torch.long)
-            position_ids[r, start : start + len(prompt)] = torch.arange(len(prompt))
-            unit[r, start : start + sizes[g]] = g
-            start += len(prompt)
-            for k, response in enumerate(responses):
-                n = len(response)
-                input_ids[r, start : start + n] = torch.tensor(response)
-                position_ids[r, start : start + n] = torch.arange(len(prompt), len(prompt) + n)
-                segment[r, start : start + n] = k + 1
-                last[first[g] + k] = r * width + start + n - 1
-                start += n
-    causal = torch.ones(width, width, dtype=torch.bool).tril()
-    same_unit = unit[:, :, None] == unit[:, None, :]  # (R, L, L): query i, key j
-    visible = (segment[:, None, :] == 0) | (segment[:, :, None] == segment[:, None, :])
-    attention_mask = (same_unit & visible & causal)[:, None]  # padding sees earlier padding: no empty row
-    return {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": attention_mask, "last": last}
+    packed = pack_prompt_groups(groups, pad_id)
+    return {k: packed[k] for k in ("input_ids", "position_ids", "attention_mask", "last")}
 
 
 def collate_pairs(examples: list[PreferenceExample], pad_id: int, pack: bool = False) -> dict[str, torch.Tensor]:

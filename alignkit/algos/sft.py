@@ -1,7 +1,8 @@
 """Supervised fine-tuning: maximise log p(completion | prompt), loss on completion tokens only.
 
 Prompt and padding tokens carry label -100 and never enter the loss. With ``packing`` several short examples
-share one row; their position ids restart so none attends to another (see ``alignkit.data.collate``).
+share one row; their position ids restart so none attends to another (see ``alignkit.data.collate``). Without it,
+``padding_free`` (default) lays out each micro-batch's own examples that way: the same batches, no padding.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 
 from alignkit.config import DataConfig, ModelConfig, arg, checked, need_data
 from alignkit.data import IGNORE, read_examples, sft_example
-from alignkit.data.collate import collate_packed, pack_sft, pad_sft
+from alignkit.data.collate import collate_packed, collate_padding_free, pack_sft, pad_sft
 from alignkit.engine import Engine, TrainConfig, default_threads, distributed_state, total_steps_for
 from alignkit.logprobs import LogprobModel
 from alignkit.models import load_model
@@ -26,6 +27,8 @@ class SFTConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=2e-5))
     packing: bool = arg(False, "pack several short examples into each row of max_length tokens")
+    padding_free: bool = arg(True, "without --packing: a micro-batch's examples share rows with no padding (position "
+                                   "ids restart per example); --no-padding-free: one right-padded row per example")
 
     def check(self) -> None:
         need_data(self.data)
@@ -76,6 +79,8 @@ def train(cfg: SFTConfig) -> Path:
     if cfg.packing:
         examples = pack_sft(examples, cfg.data.max_length)
         collate = partial(collate_packed, pad_id=pad_id)
+    elif cfg.padding_free:
+        collate = partial(collate_padding_free, pad_id=pad_id)
     else:
         collate = partial(pad_sft, pad_id=pad_id)
 

@@ -1,4 +1,4 @@
-"""Batches: right-padded tensors, or packed rows of several short examples.
+"""Batches: right-padded tensors, packed rows of several short examples, or padding-free prompt groups.
 
 Packed rows carry ``position_ids`` that restart at 0 for every example and no ``attention_mask``; transformers
 then builds a block-diagonal causal mask, so packed examples never attend to each other.
@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 
 from alignkit.data.examples import IGNORE, SFTExample
+
+PACK_WIDTH = 256  # packed rows hold about this many tokens (more when one prompt and its answers need it)
 
 
 def pad_sft(examples: list[SFTExample], pad_id: int) -> dict[str, torch.Tensor]:
@@ -64,6 +66,14 @@ def collate_packed(rows: list[list[SFTExample]], pad_id: int) -> dict[str, torch
     return {"input_ids": input_ids, "position_ids": position_ids, "labels": labels}
 
 
+def collate_padding_free(examples: list[SFTExample], pad_id: int) -> dict[str, torch.Tensor]:
+    """A micro-batch's examples without padding: first-fit into rows of max(longest, PACK_WIDTH) tokens, laid out
+    as ``collate_packed`` (positions restart per example, so each attends only to itself); same examples, same
+    targets as ``pad_sft``, fewer positions."""
+    capacity = max(PACK_WIDTH, *(len(e.input_ids) for e in examples))
+    return collate_packed(pack_sft(examples, capacity), pad_id)
+
+
 def pad_prompt_completions(
     rows: list[tuple[list[int], list[int]]], pad_id: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -79,3 +89,73 @@ def pad_prompt_completions(
         attention_mask[i, :n] = 1
         target_mask[i, len(prompt) : n] = True
     return input_ids, attention_mask, target_mask
+
+
+def pack_prompt_groups(
+    groups: list[tuple[list[int], list[list[int]]]], pad_id: int, share_prompt: bool = True, width: int | None = None
+) -> dict[str, torch.Tensor]:
+    """Padding-free rows for ``groups`` of (prompt, responses); responses are numbered group by group.
+
+    With ``share_prompt`` a prompt appears once, followed by all its responses; without, every response gets its own
+    copy of the prompt (plain sequence packing). Groups share ceil(tokens / ``width``) rows (default PACK_WIDTH),
+    the largest first onto the least-filled row, so rows are nearly equal and padding is small. A (R, 1, L, L)
+    boolean mask lets each token see the earlier tokens of its own response and of its prompt, nothing else, and
+    each response's position ids continue from its prompt: every response is computed exactly as if it were alone
+    after its prompt.
+
+    Returns input_ids, position_ids (R, L); attention_mask (R, 1, L, L) bool; ``last`` (N,): the flat index into
+    the (R·L) positions of each response's last token; for the LM head, per response token that has a predictor
+    (T,): ``target_index`` (its flat position), ``source_index`` (the flat position whose hidden state predicts it:
+    the previous token, or the prompt's last token for a response's first token) and ``response_index``; and
+    ``lengths`` (N,): each response's length (as the padded layout's target mask counts it)."""
+    width = width or PACK_WIDTH
+    if not share_prompt:  # one group per (prompt, response), numbered in the same order
+        groups = [(prompt, [response]) for prompt, responses in groups for response in responses]
+    sizes = [len(prompt) + sum(map(len, responses)) for prompt, responses in groups]
+    # ceil(total / width) rows; largest group first onto the least-filled row, so rows end up nearly equal
+    fill = [0] * max(1, min(len(groups), -(-sum(sizes) // width)))  # every row gets a group
+    rows: list[list[int]] = [[] for _ in fill]
+    for g in sorted(range(len(groups)), key=lambda g: -sizes[g]):
+        slot = min(range(len(fill)), key=fill.__getitem__)
+        rows[slot].append(g)
+        fill[slot] += sizes[g]
+    length = max(fill)
+    input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), length), dtype=torch.long)
+    unit = torch.full((len(rows), length), -1, dtype=torch.long)  # group of each position; -1: padding
+    segment = torch.zeros((len(rows), length), dtype=torch.long)  # 0: prompt, k + 1: response k
+    first = [0] + torch.tensor([len(responses) for _, responses in groups]).cumsum(0).tolist()
+    last = torch.empty(first[-1], dtype=torch.long)
+    lengths = torch.zeros(first[-1], dtype=torch.long)
+    target, source, response_of = [], [], []
+    for r, row in enumerate(rows):
+        start = 0
+        for g in row:
+            prompt, responses = groups[g]
+            input_ids[r, start : start + len(prompt)] = torch.tensor(prompt, dtype=torch.long)
+            position_ids[r, start : start + len(prompt)] = torch.arange(len(prompt))
+            unit[r, start : start + sizes[g]] = g
+            prompt_last = r * length + start + len(prompt) - 1  # flat; predicts each response's first token
+            start += len(prompt)
+            for k, response in enumerate(responses):
+                n = len(response)
+                input_ids[r, start : start + n] = torch.tensor(response, dtype=torch.long)
+                position_ids[r, start : start + n] = torch.arange(len(prompt), len(prompt) + n)
+                segment[r, start : start + n] = k + 1
+                flat = r * length + start
+                last[first[g] + k] = flat + n - 1
+                # nothing predicts a response's first token when the prompt is empty (as position 0 when padded)
+                skip = 0 if prompt else 1
+                target.append(torch.arange(flat + skip, flat + n))
+                source.append(torch.cat([torch.tensor([prompt_last]), torch.arange(flat, flat + n - 1)])[skip:n])
+                response_of.append(torch.full((n - skip,), first[g] + k))
+                lengths[first[g] + k] = n
+                start += n
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    same_unit = unit[:, :, None] == unit[:, None, :]  # (R, L, L): query i, key j
+    visible = (segment[:, None, :] == 0) | (segment[:, :, None] == segment[:, None, :])
+    attention_mask = (same_unit & visible & causal)[:, None]  # padding sees earlier padding: no empty row
+    empty = torch.zeros(0, dtype=torch.long)
+    return {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": attention_mask, "last": last,
+            "target_index": torch.cat(target) if target else empty, "source_index": torch.cat(source) if source else empty,
+            "response_index": torch.cat(response_of) if response_of else empty, "lengths": lengths}

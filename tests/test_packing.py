@@ -1,0 +1,197 @@
+"""Padding-free layouts (``pack_prompt_groups``): a prompt once, its answers after it, several groups per row
+behind a block mask. Every number must equal the padded forward's: per-answer log-probs and their gradients (DPO),
+rewards and their gradients (RM), and whole training runs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import write_jsonl
+
+from alignkit.algos import dpo, rm
+from alignkit.config import DataConfig, ModelConfig
+from alignkit.data import PreferenceExample
+from alignkit.data.collate import pack_prompt_groups
+from alignkit.engine import TrainConfig
+from alignkit.logprobs import LogprobModel, token_logprobs
+from alignkit.models import tiny_causal_lm
+
+
+def test_layout_by_hand():
+    """Prompt [11, 12] with answers [13] and [14, 15], then an empty prompt with answer [16, 17]: positions,
+    who predicts whom (the prompt's last token predicts both answers' first tokens; nothing predicts the first
+    token after an empty prompt) and what each token sees."""
+    batch = pack_prompt_groups([([11, 12], [[13], [14, 15]]), ([], [[16, 17]])], pad_id=0, width=64)
+    assert batch["input_ids"].tolist() == [[11, 12, 13, 14, 15, 16, 17]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 2, 3, 0, 1]]
+    assert batch["last"].tolist() == [2, 4, 6]
+    assert batch["target_index"].tolist() == [2, 3, 4, 6]
+    assert batch["source_index"].tolist() == [1, 1, 3, 5]
+    assert batch["response_index"].tolist() == [0, 1, 1, 2]
+    assert batch["lengths"].tolist() == [1, 2, 2]
+    assert batch["attention_mask"][0, 0].int().tolist() == [
+        [1, 0, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0, 0],
+        [1, 1, 0, 1, 0, 0, 0],  # the second answer sees the prompt, not the first answer
+        [1, 1, 0, 1, 1, 0, 0],
+        [0, 0, 0, 0, 0, 1, 0],  # another group: nothing of the first
+        [0, 0, 0, 0, 0, 1, 1],
+    ]
+    # without sharing, each answer carries its own prompt copy; 9 tokens in ceil(9 / 5) = 2 balanced rows (4, 5)
+    plain = pack_prompt_groups([([11, 12], [[13], [14, 15]]), ([], [[16, 17]])], pad_id=0, share_prompt=False, width=5)
+    assert plain["input_ids"].shape == (2, 5)
+    assert sorted(plain["lengths"].tolist()) == [1, 2, 2]
+
+
+def _examples(n: int, seed: int) -> list[PreferenceExample]:
+    g = torch.Generator().manual_seed(seed)
+
+    def ids(lo, hi):
+        return torch.randint(5, 1000, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g).tolist()
+
+    examples = [PreferenceExample(ids(1, 12), ids(1, 9), ids(1, 9)) for _ in range(n)]
+    examples[1].prompt_ids = []  # an implicit-prompt pair: nothing to share, nothing predicts its first token
+    return examples
+
+
+def _pair_run(model, batch, weights):
+    model.zero_grad()
+    logps, lengths = dpo.pair_logps(LogprobModel(model), batch)
+    (logps * weights).sum().backward()
+    return logps.detach(), lengths, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("width", [256, 16])  # one row; many rows
+def test_dpo_packed_logprobs_and_gradients_equal_the_padded_forward(width, monkeypatch):
+    model, _ = tiny_causal_lm(num_layers=2, hidden_size=64)
+    model.eval()
+    items = [(e, 0.0, 0.0) for e in _examples(7, seed=width)]
+    weights = torch.randn(14)
+    padded = _pair_run(model, dpo.collate_pairs(items, pad_id=0), weights)
+    monkeypatch.setattr("alignkit.data.collate.PACK_WIDTH", width)
+    batch = dpo.collate_pairs(items, pad_id=0, pack=True)
+    longest = max(len(e.prompt_ids) + max(len(e.chosen_ids), len(e.rejected_ids)) for e, _, _ in items)
+    assert batch["input_ids"].numel() < 14 * longest  # fewer positions than the padded rows
+    packed = _pair_run(model, batch, weights)
+    torch.testing.assert_close(packed[0], padded[0], atol=1e-5, rtol=0)
+    assert packed[1].tolist() == padded[1].tolist()
+    assert packed[2].keys() == padded[2].keys() and padded[2]
+    for name, grad in padded[2].items():
+        torch.testing.assert_close(packed[2][name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_unshared_packing_equals_padded_token_logprobs():
+    """Plain sequence packing (every answer with its own prompt copy) gives the same token log-probs too."""
+    model, _ = tiny_causal_lm(num_layers=2, hidden_size=64)
+    examples = _examples(5, seed=3)
+    groups = [(e.prompt_ids, [e.chosen_ids, e.rejected_ids]) for e in examples]
+    batch = pack_prompt_groups(groups, pad_id=0, share_prompt=False, width=40)
+    with torch.no_grad():
+        got = token_logprobs(model, batch["input_ids"], None, batch["attention_mask"], batch["position_ids"],
+                             at=(batch["target_index"], batch["source_index"]))
+        sums = torch.zeros(10).index_add(0, batch["response_index"], got)
+        items = [(e, 0.0, 0.0) for e in examples]
+        want, _ = dpo.pair_logps(LogprobModel(model), dpo.collate_pairs(items, pad_id=0))
+    # pack_prompt_groups numbers (c0, r0, c1, ...); collate_pairs's padded order is (c0, c1, ..., r0, r1, ...)
+    torch.testing.assert_close(sums.view(5, 2).t().reshape(-1), want, atol=1e-5, rtol=0)
+
+
+def test_dpo_packed_under_bf16_autocast_equals_padded_to_bf16_precision():
+    """The native-bf16 path (forced here: emulated, slow, so a tiny batch): the packed forward under bf16 autocast
+    equals the padded one under the same autocast to bf16 rounding, values and gradients."""
+    model, _ = tiny_causal_lm(num_layers=2, hidden_size=64)
+    items = [(e, 0.0, 0.0) for e in _examples(4, seed=5)]
+    weights = torch.randn(8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        padded = _pair_run(model, dpo.collate_pairs(items, pad_id=0), weights)
+        packed = _pair_run(model, dpo.collate_pairs(items, pad_id=0, pack=True), weights)
+    exact = _pair_run(model, dpo.collate_pairs(items, pad_id=0, pack=True), weights)
+    assert not torch.equal(packed[0], exact[0])  # bf16 really ran
+    # summed over up to 8 tokens of ~11 nats each: bf16's ~3 significant digits
+    torch.testing.assert_close(packed[0], padded[0], atol=0.1, rtol=1e-2)
+    for name, grad in padded[2].items():  # bf16 rounds to 2^-8 relative: gradients agree to ~0.5% in norm
+        assert (packed[2][name] - grad).norm() <= 2e-2 * grad.norm(), name
+
+
+def test_rm_packed_rewards_and_gradients_equal_the_padded_forward():
+    """The reward model reads its score at each answer's last token (the reward_input_ids position): rewards,
+    loss and gradients of the packed batch equal the padded batch's."""
+    from transformers import LlamaForSequenceClassification
+
+    lm, _ = tiny_causal_lm(num_layers=2, hidden_size=64)
+    torch.manual_seed(0)
+    model = LlamaForSequenceClassification(lm.config.__class__(**{**lm.config.to_dict(), "num_labels": 1})).eval()
+    model.config.pad_token_id = 0
+    examples = [e for e in _examples(6, seed=7) if e.prompt_ids]
+    module = rm.ScoreModel(model)
+
+    def run(pack):
+        model.zero_grad()
+        loss, _ = rm.pairwise_loss(module, rm.collate_pairs(examples, pad_id=0, pack=pack))
+        loss.backward()
+        with torch.no_grad():
+            rewards = rm._rewards(module, rm.collate_pairs(examples, pad_id=0, pack=pack))
+        return rewards, loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    padded, packed = run(False), run(True)
+    torch.testing.assert_close(packed[0], padded[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(packed[1], padded[1], atol=1e-5, rtol=0)
+    for name, grad in padded[2].items():
+        torch.testing.assert_close(packed[2][name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_dpo_training_with_and_without_packing_logs_the_same_losses(tiny_model_dir, tmp_path):
+    """Through the trainer (precomputed reference, held-out evaluation, 4 steps): --packing and --no-packing log
+    the same losses and rewards step by step."""
+    rows = [{"prompt": f"Review {i}:" + " so" * (i % 5), "chosen": " good" * (1 + i % 3) + ".",
+             "rejected": " bad" * (1 + i % 4) + "."} for i in range(24)]
+    data = write_jsonl(tmp_path / "pairs.jsonl", rows)
+
+    def run(packing: bool) -> list[dict]:
+        out = tmp_path / f"run-{packing}"
+        dpo.train(dpo.DPOConfig(
+            model=ModelConfig(model=str(tiny_model_dir)), data=DataConfig(data=str(data), eval_data=str(data)),
+            train=TrainConfig(output_dir=str(out), max_steps=4, batch_size=6, lr=1e-3, mixed_precision="no",
+                              report_to="none", progress=False), packing=packing))
+        return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+    packed, padded = run(True), run(False)
+    keys = {k for row in padded for k in row if k.startswith(("loss", "eval/loss", "rewards", "eval/rewards"))}
+    pairs = [(a, b) for a, b in zip(packed, padded, strict=True) if any(k in b for k in keys)]
+    assert len(pairs) >= 3 and "loss" in keys and "eval/loss" in keys
+    for a, b in pairs:
+        for k in keys:
+            if k in b:
+                assert a[k] == pytest.approx(b[k], abs=2e-4), (k, a, b)
+
+
+def test_sft_padding_free_loss_and_gradients_equal_the_padded_batch():
+    """SFT's default layout (the micro-batch's own examples in shared rows, positions restarting) gives the padded
+    batch's summed NLL and gradients."""
+    from alignkit.algos import sft
+    from alignkit.data import SFTExample
+    from alignkit.data.collate import collate_padding_free, pad_sft
+
+    model, _ = tiny_causal_lm(num_layers=2, hidden_size=64)
+    g = torch.Generator().manual_seed(11)
+    examples = []
+    for n in (9, 30, 4, 17, 12):
+        ids = torch.randint(5, 1000, (n,), generator=g).tolist()
+        examples.append(SFTExample(ids, [-100] * (n // 3) + ids[n // 3:]))
+
+    def run(batch):
+        model.zero_grad()
+        loss, _ = sft.sft_loss(LogprobModel(model), batch)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    padded_batch, free_batch = pad_sft(examples, 0), collate_padding_free(examples, 0)
+    assert free_batch["input_ids"].numel() < padded_batch["input_ids"].numel()
+    assert sft.count_targets(free_batch) == sft.count_targets(padded_batch)
+    padded, free = run(padded_batch), run(free_batch)
+    torch.testing.assert_close(free[0], padded[0], atol=1e-4, rtol=1e-6)
+    for name, grad in padded[1].items():
+        torch.testing.assert_close(free[1][name], grad, atol=1e-5, rtol=1e-4, msg=name)
