@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from alignkit.config import DataConfig, ModelConfig, OptionError, arg, at_least, checked, model_location
-from alignkit.data import DataError
+from alignkit.data import DataError, load_records
 from alignkit.engine import default_threads
 from alignkit.feedback.judges import DEFAULT_PRINCIPLE
 from alignkit.generation import endpoint_samples, generator_arg, is_endpoint, make_sampler
@@ -204,16 +204,11 @@ def _prompt_key(prompt) -> str:
 def read_baseline(path: str) -> list[dict]:
     """An evaluate X.samples.jsonl: {prompt, completion, ...} per line, checked line by line."""
     base = []
-    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise DataError(f"{path}:{number}: not valid JSON ({error.msg})") from None
-        if not isinstance(record, dict) or "prompt" not in record or not isinstance(record.get("completion"), str):
-            raise DataError(f"{path}:{number}: expected an evaluate sample {{prompt, completion (a string), ...}}")
-        base.append(record)
+    for record in load_records(path):  # file:line in every error, malformed JSON included
+        data = record.data
+        if "prompt" not in data or not isinstance(data.get("completion"), str):
+            raise DataError(f"{record.where}: expected an evaluate sample {{prompt, completion (a string), ...}}")
+        base.append(data)
     if not base:
         raise DataError(f"{path}: no samples in it")
     return base

@@ -28,15 +28,13 @@ import os
 import random
 import resource
 import shutil
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from flops import matmul_gflops
+from flops import matmul_gflops, run_worker
 
 GOOD = ["a warm, funny and beautifully acted film", "a gripping story with a superb cast", "moving, clever and full of heart",
         "the best thing I have seen this year", "a delight from start to finish, with wonderful music"]
@@ -119,18 +117,8 @@ def worker(args: argparse.Namespace) -> None:
 def launch(kind: str, model: str, data: Path, out: Path, precision: str, threads: int = 0) -> dict:
     command = [sys.executable, __file__, "--worker", kind, "--model", model, "--data", str(data), "--out", str(out),
                "--precision", precision]
-    load = os.getloadavg()[0]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
-    done = subprocess.run(command, capture_output=True, text=True, env=env)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    if done.returncode or not lines:
-        raise RuntimeError(f"{kind} failed:\n{done.stderr[-3000:]}")
-    result = json.loads(lines[-1][len("RESULT "):])
-    ends = result["step_ends"]
-    result["step_s"] = statistics.median([b - a for a, b in zip(ends, ends[1:])]) if len(ends) > 1 else ends[0]
-    result["startup_s"] = result["total_s"] - len(ends) * result["step_s"]
-    result["steps"] = len(ends)
-    result["load"] = (load + os.getloadavg()[0]) / 2
+    result = run_worker(command, threads)
+    result["startup_s"] = result["total_s"] - result["steps"] * result["step_s"]
     return result
 
 

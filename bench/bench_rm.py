@@ -27,15 +27,13 @@ import os
 import random
 import resource
 import shutil
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from flops import matmul_gflops
+from flops import matmul_gflops, run_worker
 
 LR = 1e-5
 MAX_LENGTH = 128
@@ -167,17 +165,9 @@ def worker(args: argparse.Namespace) -> None:
 def launch(kind: str, init: Path, data: Path, out: Path, threads: int, precision: str = "auto") -> dict:
     command = [sys.executable, __file__, "--worker", kind, "--init", str(init), "--data", str(data), "--out", str(out),
                "--precision", precision]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
-    load = os.getloadavg()[0]
-    done = subprocess.run(command, capture_output=True, text=True, env=env)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    if done.returncode or not lines:
-        raise RuntimeError(f"{kind} failed:\n{done.stderr[-3000:]}")
-    result = json.loads(lines[-1][len("RESULT "):])
-    ends = result["step_ends"]
-    result["step_s"] = statistics.median([b - a for a, b in zip(ends, ends[1:])]) if len(ends) > 1 else ends[0]
-    result["startup_s"] = result["process_s"] - len(ends) * result["step_s"]
-    return {**result, "load": (load + os.getloadavg()[0]) / 2}
+    result = run_worker(command, threads)
+    result["startup_s"] = result["process_s"] - result["steps"] * result["step_s"]
+    return result
 
 
 def flop_bound(init: Path, data: Path, gflops: float) -> tuple[float, float]:

@@ -7,6 +7,10 @@ element-wise work are left out (small at these lengths), so the bound is optimis
 
 from __future__ import annotations
 
+import json
+import os
+import statistics
+import subprocess
 import time
 
 import torch
@@ -36,3 +40,20 @@ def matmul_gflops(dtype: torch.dtype = torch.float32, size: int = 1024, seconds:
         torch.mm(a, b)
         best = max(best, 2 * size**3 / (time.perf_counter() - start) / 1e9)
     return best
+
+
+def run_worker(command: list[str], threads: int = 0) -> dict:
+    """Run one bench arm in its own process (so its peak RSS is its own) and read its ``RESULT {json}`` line; adds
+    the median steady step ``step_s`` (from the worker's ``step_ends``), ``steps`` and the mean load average."""
+    load = os.getloadavg()[0]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if done.returncode or not lines:
+        raise RuntimeError(f"{' '.join(command[:4])} failed:\n{done.stderr[-3000:]}")
+    result = json.loads(lines[-1][len("RESULT "):])
+    ends = result["step_ends"]
+    result["step_s"] = statistics.median([b - a for a, b in zip(ends, ends[1:])]) if len(ends) > 1 else ends[0]
+    result["steps"] = len(ends)
+    result["load"] = (load + os.getloadavg()[0]) / 2
+    return result
