@@ -18,7 +18,7 @@ steps x steady step (imports, loading, the reference copy, step 1's warm-up, sav
 rollout (sampling + scoring) and update (reference pass, policy forward + backward, AdamW; alignkit's
 time/rollout and time/update; TRL's generation and reward calls timed by wrapping them), peak RSS, CPU seconds
 and the load average. Each run's FLOP bound (``flops.online_step_flops``) counts the real tokens of its own steps:
-the prompt lengths of the prompts the step drew (each prompt once) and the response lengths it generated (no
+the prompt lengths of the prompts the step drew (each prompt once, a prefix common to all once) and the response lengths it generated (no
 ``min_new_tokens`` is forced, so responses end at EOS: alignkit's from its logged response/length, TRL's from
 the completion ids its reward function receives); step/bound uses the mean bound of the steady steps, e2e/bound
 the sum over all steps. The header line gives alignkit GRPO's bound for the whole step and for the update alone.
@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 
 import torch
-from flops import linear_params, matmul_gflops, online_step_flops, run_worker
+from flops import distinct_prompt_tokens, linear_params, matmul_gflops, online_step_flops, run_worker
 
 PROMPTS = Path(__file__).resolve().parents[1] / "alignkit" / "bundled" / "movie_prompts_train.jsonl"
 PROMPTS_PER_STEP, GROUP, NEW_TOKENS, MAX_LENGTH = 16, 4, 32, 256
@@ -58,8 +58,9 @@ def step_tokens(path: str, steps: int, n_prompts: int, seed: int, lengths: list[
     out = []
     for step in range(steps):
         drawn = prompt_batch(prompts, step, n_prompts, seed)
-        out.append({"prompt_tokens": sum(len(p.prompt_ids) for p in drawn), "prompts": len(drawn),
-                    "rows": len(drawn) * group, "generated": round(lengths[step] * len(drawn) * group)})
+        tokens, distinct = distinct_prompt_tokens([p.prompt_ids for p in drawn])
+        out.append({"prompt_tokens": tokens, "prompts": distinct, "rows": len(drawn) * group,
+                    "generated": round(lengths[step] * len(drawn) * group)})
     return out
 
 
@@ -132,9 +133,9 @@ def run_trl(path: str, steps: int, beta: float, out: Path, bf16: bool) -> dict:
 
     def vader(prompts, completions, completion_ids, **_):
         started = time.perf_counter()
-        unique = prompts[::GROUP]  # TRL repeats each prompt GROUP times, consecutively
-        tokens.append({"prompt_tokens": sum(len(tokenizer(p)["input_ids"]) for p in unique), "prompts": len(unique),
-                       "rows": len(completion_ids), "generated": sum(len(c) for c in completion_ids)})
+        prompt_tokens, distinct = distinct_prompt_tokens([tokenizer(p)["input_ids"] for p in prompts])
+        tokens.append({"prompt_tokens": prompt_tokens, "prompts": distinct, "rows": len(completion_ids),
+                       "generated": sum(len(c) for c in completion_ids)})
         scores = [vader_compound(c) for c in completions]
         rollout[-1] += time.perf_counter() - started
         return scores
@@ -290,8 +291,12 @@ def main() -> None:
                           f"{r['update_med'] / b['update']:8.1f}x {r['total_s'] / b['e2e']:8.1f}x "
                           f"{r['peak_rss_mb']:7.0f}MB {r['cpu_s']:5.0f}s {r['load']:5.1f} "
                           f"{r['total_s'] / ours['total_s']:8.2f}x {r['step_s'] / ours['step_s']:9.2f}x")
-                print("mean response length per step (the bounds' G/B): "
-                      + "; ".join(f"{k} {[round(x, 1) for x in r['lengths']]}" for k, r in results.items()))
+                print("FLOP bound per run, steady step = sampling + update (s): " + "; ".join(
+                    f"{k} {b['step']:.3f} = {b['sampling']:.3f} + {b['update']:.3f}"
+                    for k, b in ((k, bounds(r, body, head, rate)) for k, r in results.items())))
+                print("per step, distinct-prompt tokens P / generated tokens G (the bounds' counts): " + "; ".join(
+                    f"{k} " + " ".join(f"{t['prompt_tokens']}/{t['generated']}" for t in r["tokens"])
+                    for k, r in results.items()))
                 print("alignkit GRPO mean reward per step: " + str([round(x, 3) for x in ours["rewards"]]), flush=True)
         print(f"machine load at the end: {os.getloadavg()}")
     finally:
