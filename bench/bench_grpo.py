@@ -1,17 +1,30 @@
-"""GRPO step time: alignkit against TRL's GRPOTrainer, side by side in one run, on the same task.
+"""GRPO: alignkit against TRL's GRPOTrainer (and alignkit PPO on the same task), side by side in one run.
 
-    .venv/bin/python bench/bench_grpo.py [--steps 2] [--models tiny,smollm2-135m] [--beta 0.04] [--skip-trl]
+    .venv/bin/python bench/bench_grpo.py [--models tiny,smollm2] [--steps 3] [--beta 0.04] [--threads N]
+                                         [--skip-trl] [--skip-ppo]
 
 Task (issue #4): 16 movie-review prompts (alignkit/bundled/movie_prompts_train.jsonl, plain text, no chat
-template) x 4 samples x 32 new tokens per step, VADER sentiment of the completion as the reward, temperature 1,
-β = 0.04 (both load a reference model), token-mean loss over the batch (TRL's "dapo"), one optimizer step per
-rollout, lr 1e-6, fp32 for both (this CPU has no native bf16; bf16 is several times slower here).
-TRL runs at its best setting here: gradient checkpointing off, bf16 off, the whole rollout as one batch.
+template) x 4 samples x at most 32 new tokens per step, VADER sentiment of the completion as the reward,
+temperature 1, β = 0.04 (both load a reference model), token-mean loss over the batch (TRL's "dapo"), one
+optimizer step per rollout, lr 1e-6. TRL runs at its best setting on this machine: gradient checkpointing off,
+the whole rollout as one batch, bf16 only where the CPU has native bf16 (as alignkit's ``mixed_precision auto``).
+alignkit PPO runs the same prompts as 64 prompts x 1 sample with its value head and its default 4 PPO epochs.
 Models: the tiny 2-layer, 128-wide llama with the SmolLM2 vocabulary, and SmolLM2-135M-Instruct.
 
-Step time = wall time of a whole optimizer step (sampling, scoring, reference and policy passes, backward,
-AdamW), median over ``--steps`` steps; the first step of each trainer is included (nothing is compiled).
-TRL's step is timed by a callback from on_step_begin to on_step_end, which includes its generation.
+Every run is its own process (its peak RSS is its own). Printed per run, as bench_dpo.py / bench_rm.py do: end to
+end (process start to saved model), the median steady-state step (step k−1 -> k from the trainer's own log or a
+callback, k >= 2, so step 1's warm-up is left out; with ``--steps 1`` that one step), start-up = end to end −
+steps x steady step (imports, loading, the reference copy, step 1's warm-up, saving), the step's split into
+rollout (sampling + scoring) and update (reference pass, policy forward + backward, AdamW; alignkit's
+time/rollout and time/update; TRL's generation and reward calls timed by wrapping them), peak RSS, CPU seconds
+and the load average. Each run's FLOP bound (``flops.online_step_flops``) counts the real tokens of its own steps:
+the prompt lengths of the prompts the step drew (each prompt once, a prefix common to all once) and the response lengths it generated (no
+``min_new_tokens`` is forced, so responses end at EOS: alignkit's from its logged response/length, TRL's from
+the completion ids its reward function receives); step/bound uses the mean bound of the steady steps, e2e/bound
+the sum over all steps. The header line gives alignkit GRPO's bound for the whole step and for the update alone.
+Rates are this machine's matmul rate for the precision used; on a CPU with native bf16 the fp32 runs are
+printed too. alignkit's sampler picks its own dtype (auto); the worker pins it to the run's precision through
+ALIGNKIT_BF16, so an fp32 run samples in fp32 there too.
 """
 
 from __future__ import annotations
@@ -19,35 +32,44 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
+import shutil
 import statistics
-import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-
-from alignkit.rewards.functions import vader_compound
+from flops import distinct_prompt_tokens, linear_params, matmul_gflops, online_step_flops, run_worker
 
 PROMPTS = Path(__file__).resolve().parents[1] / "alignkit" / "bundled" / "movie_prompts_train.jsonl"
-PROMPTS_PER_STEP, GROUP, NEW_TOKENS = 16, 4, 32
+PROMPTS_PER_STEP, GROUP, NEW_TOKENS, MAX_LENGTH = 16, 4, 32, 256
+STARTED = time.perf_counter()  # the worker process's own start (imports included, as a user's run pays them)
 
 
-def model_dir(name: str, root: Path) -> str:
-    """A directory both trainers can load: the tiny llama saved once, or the cached SmolLM2 import."""
-    from alignkit.models import load_model, tiny_causal_lm
+def step_tokens(path: str, steps: int, n_prompts: int, seed: int, lengths: list[float], group: int) -> list[dict]:
+    """Per step: the token counts of the prompts alignkit drew (prompt_batch, as the trainer does) and of the
+    responses it generated (mean response/length x rows)."""
+    from alignkit.models import load_tokenizer
+    from alignkit.online import prompt_batch, read_prompts
 
-    if name != "tiny":
-        model, tokenizer = load_model(name)
-    else:
-        model, tokenizer = tiny_causal_lm(num_layers=2, hidden_size=128)
-    path = root / name
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
+    prompts = read_prompts(str(PROMPTS), load_tokenizer(path), MAX_LENGTH)
+    out = []
+    for step in range(steps):
+        drawn = prompt_batch(prompts, step, n_prompts, seed)
+        tokens, distinct = distinct_prompt_tokens([p.prompt_ids for p in drawn])
+        out.append({"prompt_tokens": tokens, "prompts": distinct, "rows": len(drawn) * group,
+                    "generated": round(lengths[step] * len(drawn) * group)})
+    return out
 
 
-def alignkit_steps(path: str, steps: int, beta: float, out: Path) -> list[float]:
+def metric_rows(out: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "time/update" in r]
+
+
+def run_alignkit(path: str, steps: int, beta: float, out: Path, precision: str) -> dict:
     from alignkit.algos.grpo import GRPOConfig, train
     from alignkit.config import DataConfig, ModelConfig
     from alignkit.engine import TrainConfig
@@ -55,104 +77,230 @@ def alignkit_steps(path: str, steps: int, beta: float, out: Path) -> list[float]
 
     cfg = GRPOConfig(
         model=ModelConfig(model=path),
-        data=DataConfig(data=str(PROMPTS), eval_data="", max_length=256),
+        data=DataConfig(data=str(PROMPTS), eval_data="", max_length=MAX_LENGTH),
         train=TrainConfig(output_dir=str(out), lr=1e-6, batch_size=PROMPTS_PER_STEP * GROUP, grad_accum=1,
-                          max_steps=steps, report_to="none", progress=False, mixed_precision="no"),
+                          max_steps=steps, report_to="none", progress=False, mixed_precision=precision),
         rollout=RolloutConfig(reward="vader", prompts_per_step=PROMPTS_PER_STEP, group_size=GROUP,
                               max_new_tokens=NEW_TOKENS, eval_prompts=0),
         beta=beta,
     )
     train(cfg)
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    rows = [r for r in rows if "time/update" in r]
-    for r in rows:
-        print(f"  alignkit step {r['step']}: rollout {r['time/rollout']:.2f} s, update {r['time/update']:.2f} s, "
-              f"reward {r['reward/mean']:.3f}, length {r['response/length']:.1f}")
-    return [r["time/rollout"] + r["time/update"] for r in rows]
+    rows = metric_rows(out)
+    lengths = [r["response/length"] for r in rows]
+    return {"step_ends": [r["time"] for r in rows], "rollout_s": [r["time/rollout"] for r in rows],
+            "update_s": [r["time/update"] for r in rows], "lengths": lengths, "rewards": [r["reward/mean"] for r in rows],
+            "tokens": step_tokens(path, len(rows), PROMPTS_PER_STEP, cfg.train.seed, lengths, GROUP),
+            # one minibatch, one pass, KL in the loss: grpo_step skips the old-logprob forward
+            "bound": {"reference": beta > 0, "old_forward": False, "epochs": 1}}
 
 
-def trl_steps(path: str, steps: int, beta: float, out: Path) -> list[float]:
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from trl import GRPOConfig, GRPOTrainer
-
-    rows = [json.loads(line) for line in PROMPTS.read_text().splitlines() if line.strip()]
-    dataset = Dataset.from_list([{"prompt": r["prompt"]} for r in rows])
-
-    def vader(completions, **_):
-        return [vader_compound(c) for c in completions]
-
-    class Timer(TrainerCallback):
-        def __init__(self):
-            self.times: list[float] = []
-
-        def on_step_begin(self, args, state, control, **kw):
-            self.started = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kw):
-            self.times.append(time.perf_counter() - self.started)
-
-    args = GRPOConfig(
-        output_dir=str(out), per_device_train_batch_size=PROMPTS_PER_STEP * GROUP, gradient_accumulation_steps=1,
-        num_generations=GROUP, max_completion_length=NEW_TOKENS, max_steps=steps, learning_rate=1e-6, beta=beta,
-        loss_type="dapo", temperature=1.0, gradient_checkpointing=False, bf16=False, use_cpu=True,
-        report_to="none", logging_steps=1, save_strategy="no", dataloader_num_workers=0, seed=0,
-    )
-    timer = Timer()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    tokenizer.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    trainer = GRPOTrainer(model=model, reward_funcs=vader, args=args, train_dataset=dataset,
-                          processing_class=tokenizer, callbacks=[timer])
-    trainer.train()
-    for k, t in enumerate(timer.times):
-        print(f"  TRL step {k + 1}: {t:.2f} s")
-    return timer.times
-
-
-def ppo_step(path: str, out: Path) -> float | None:
-    """One alignkit PPO step on the same task (64 prompts x 1 sample, value head, its default 4 PPO epochs);
-    its own time/rollout + time/update."""
+def run_ppo(path: str, steps: int, out: Path, precision: str) -> dict:
+    """alignkit PPO on the same task: 64 prompts x 1 sample, value head, its default PPO epochs."""
     from alignkit.algos import ppo
     from alignkit.cli import _fields, build_config
 
     wanted = {"model": path, "data": str(PROMPTS), "eval_data": "", "reward": "vader", "max_new_tokens": NEW_TOKENS,
-              "prompts_per_step": PROMPTS_PER_STEP * GROUP, "group_size": 1, "max_steps": 1, "output_dir": str(out),
+              "prompts_per_step": PROMPTS_PER_STEP * GROUP, "group_size": 1, "max_steps": steps, "output_dir": str(out),
               "report_to": "none", "progress": False, "eval_prompts": 0, "batch_size": PROMPTS_PER_STEP * GROUP,
-              "grad_accum": 1, "lr": 1e-6}
+              "grad_accum": 1, "lr": 1e-6, "mixed_precision": precision, "max_length": MAX_LENGTH}
     known = {name for name, *_ in _fields(ppo.PPOConfig)}
-    ppo.train(build_config(ppo.PPOConfig, {k: v for k, v in wanted.items() if k in known}))
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    row = [r for r in rows if "time/update" in r][-1]
-    print(f"  alignkit PPO step: rollout {row['time/rollout']:.2f} s, update {row['time/update']:.2f} s")
-    return row["time/rollout"] + row["time/update"]
+    cfg = build_config(ppo.PPOConfig, {k: v for k, v in wanted.items() if k in known})
+    ppo.train(cfg)
+    rows = metric_rows(out)
+    lengths = [r["response/length"] for r in rows]
+    return {"step_ends": [r["time"] for r in rows], "rollout_s": [r["time/rollout"] for r in rows],
+            "update_s": [r["time/update"] for r in rows], "lengths": lengths, "rewards": [r["reward/mean"] for r in rows],
+            "tokens": step_tokens(path, len(rows), PROMPTS_PER_STEP * GROUP, cfg.train.seed, lengths, 1),
+            # old log-probs + values and the reference, recomputed before ppo_epochs passes (alignkit.algos.ppo)
+            "bound": {"reference": True, "old_forward": True, "epochs": cfg.ppo_epochs}}
+
+
+def run_trl(path: str, steps: int, beta: float, out: Path, bf16: bool) -> dict:
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from alignkit.rewards.functions import vader_compound
+
+    rows = [json.loads(line) for line in PROMPTS.read_text().splitlines() if line.strip()]
+    dataset = Dataset.from_list([{"prompt": r["prompt"]} for r in rows])
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.padding_side = "left"
+    tokens: list[dict] = []
+    ends: list[float] = []
+    rollout: list[float] = []  # per step: seconds in generation + reward calls
+    begun: list[float] = []
+
+    def vader(prompts, completions, completion_ids, **_):
+        started = time.perf_counter()
+        prompt_tokens, distinct = distinct_prompt_tokens([tokenizer(p)["input_ids"] for p in prompts])
+        tokens.append({"prompt_tokens": prompt_tokens, "prompts": distinct, "rows": len(completion_ids),
+                       "generated": sum(len(c) for c in completion_ids)})
+        scores = [vader_compound(c) for c in completions]
+        rollout[-1] += time.perf_counter() - started
+        return scores
+
+    class StepTimes(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            begun.append(time.perf_counter())
+            rollout.append(0.0)
+
+        def on_step_end(self, args, state, control, **kw):
+            ends.append(time.perf_counter())
+
+    args = GRPOConfig(
+        output_dir=str(out), per_device_train_batch_size=PROMPTS_PER_STEP * GROUP, gradient_accumulation_steps=1,
+        num_generations=GROUP, max_completion_length=NEW_TOKENS, max_steps=steps, learning_rate=1e-6, beta=beta,
+        loss_type="dapo", temperature=1.0, gradient_checkpointing=False, bf16=bf16, use_cpu=True,
+        report_to="none", logging_steps=1, save_strategy="no", dataloader_num_workers=0, seed=0, disable_tqdm=True,
+    )
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    trainer = GRPOTrainer(model=model, reward_funcs=vader, args=args, train_dataset=dataset,
+                          processing_class=tokenizer, callbacks=[StepTimes()])
+    generate = trainer._generate
+
+    def timed_generate(*a, **kw):  # the sampling part of TRL's step, for the rollout / update split
+        started = time.perf_counter()
+        result = generate(*a, **kw)
+        rollout[-1] += time.perf_counter() - started
+        return result
+
+    trainer._generate = timed_generate
+    trainer.train()
+    model.save_pretrained(out / "final")
+    tokenizer.save_pretrained(out / "final")
+    steps_s = [e - b for b, e in zip(begun, ends)]
+    return {"step_ends": [t - STARTED for t in ends], "rollout_s": rollout[: len(ends)],
+            "update_s": [s - r for s, r in zip(steps_s, rollout)], "tokens": tokens[: len(ends)],
+            "lengths": [t["generated"] / t["rows"] for t in tokens[: len(ends)]],
+            # with one generation per optimizer step TRL keeps no old log-probs (old = current, detached)
+            "bound": {"reference": beta > 0, "old_forward": False, "epochs": 1}}
+
+
+def worker(args: argparse.Namespace) -> None:
+    # alignkit's sampler picks bf16 by itself where it is native: pin it to this run's precision
+    os.environ["ALIGNKIT_BF16"] = "1" if args.precision == "bf16" else "0"
+    out = Path(args.out)
+    if args.worker == "trl":
+        result = run_trl(args.model, args.steps, args.beta, out, args.precision == "bf16")
+    elif args.worker == "ppo":
+        result = run_ppo(args.model, args.steps, out, args.precision)
+    else:
+        result = run_alignkit(args.model, args.steps, args.beta, out, args.precision)
+    result["total_s"] = time.perf_counter() - STARTED
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    result["peak_rss_mb"] = usage.ru_maxrss / 1024
+    result["cpu_s"] = usage.ru_utime + usage.ru_stime  # steadier than wall time on a shared machine
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def launch(kind: str, model: str, out: Path, precision: str, steps: int, beta: float, threads: int) -> dict:
+    command = [sys.executable, __file__, "--worker", kind, "--model", model, "--out", str(out),
+               "--precision", precision, "--steps", str(steps), "--beta", str(beta)]
+    result = run_worker(command, threads)
+    steady = slice(1, None) if result["steps"] >= 2 else slice(None)  # step 1 pays the warm-up
+    if result["steps"] < 2:  # no step-to-step interval: the one step's own rollout + update
+        result["step_s"] = result["rollout_s"][0] + result["update_s"][0]
+    result["startup_s"] = result["total_s"] - result["steps"] * result["step_s"]
+    result["rollout_med"] = statistics.median(result["rollout_s"][steady])
+    result["update_med"] = statistics.median(result["update_s"][steady])
+    result["steady"] = steady
+    return result
+
+
+def bounds(result: dict, body: int, head: int, rate: float) -> dict[str, float]:
+    """Seconds at ``rate`` FLOP/s: sampling and update of a mean steady step, and all steps (end to end)."""
+    per_step = [online_step_flops(body, head, t["prompt_tokens"], t["prompts"], t["rows"], t["generated"],
+                                  **result["bound"]) for t in result["tokens"]]
+    steady = per_step[result["steady"]]
+    sampling = statistics.mean(s for s, _ in steady) / rate
+    update = statistics.mean(u for _, u in steady) / rate
+    return {"sampling": sampling, "update": update, "step": sampling + update,
+            "e2e": sum(s + u for s, u in per_step) / rate}
+
+
+def model_path(name: str, root: Path) -> str:
+    """A directory every trainer can load: the tiny llama saved once, or the cached SmolLM2 import."""
+    from alignkit.models import resolve, tiny_causal_lm
+
+    if name != "tiny":
+        return resolve("smollm2-135m" if name == "smollm2" else name)
+    model, tokenizer = tiny_causal_lm(num_layers=2, hidden_size=128)
+    path = root / name
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=2)
-    parser.add_argument("--models", default="tiny,smollm2-135m")
+    parser.add_argument("--steps", type=int, default=3, help="rollout steps per run (>= 2 gives a steady median)")
+    parser.add_argument("--models", default="tiny,smollm2", help="tiny, smollm2 (or a model name/path), comma-separated")
     parser.add_argument("--beta", type=float, default=0.04)
     parser.add_argument("--skip-trl", action="store_true")
     parser.add_argument("--skip-ppo", action="store_true")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads per run (0: torch's default); 1 avoids OpenMP stalls on a busy machine")
+    parser.add_argument("--worker", choices=["alignkit", "trl", "ppo"], help=argparse.SUPPRESS)
+    for hidden in ("--model", "--out", "--precision"):
+        parser.add_argument(hidden, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
-    print(f"threads {torch.get_num_threads()}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '-')}; {load}")
-    table = []
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
+    if args.steps < 1:
+        parser.error("--steps: expected at least 1")
+    if args.worker:
+        return worker(args)
+    from alignkit.models import bf16_is_fast, load_model
+
+    bf16 = bf16_is_fast()
+    precisions = ["bf16", "no"] if bf16 else ["no"]
+    if args.threads:
+        torch.set_num_threads(args.threads)  # the matmul rate at the runs' thread count
+    rates = {p: matmul_gflops(torch.bfloat16 if p == "bf16" else torch.float32) for p in precisions}
+    print(f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, bf16 "
+          f"{'native' if bf16 else 'emulated: off (no native bf16 on this CPU)'}, matmul "
+          + ", ".join(f"{'bf16' if p == 'bf16' else 'fp32'} {r:.0f} GFLOP/s" for p, r in rates.items())
+          + f"; load average {os.getloadavg()[0]:.1f}", flush=True)
+    work = Path(tempfile.mkdtemp(prefix="bench-grpo-"))
+    try:
         for name in args.models.split(","):
-            path = model_dir(name, root)
-            print(f"\n== {name}: {PROMPTS_PER_STEP} prompts x {GROUP} samples x {NEW_TOKENS} tokens, beta {args.beta}")
-            ours = statistics.median(alignkit_steps(path, args.steps, args.beta, root / f"ak-{name}"))
-            theirs = None if args.skip_trl else statistics.median(trl_steps(path, args.steps, args.beta, root / f"trl-{name}"))
-            ppo = None if args.skip_ppo else ppo_step(path, root / f"ppo-{name}")
-            table.append((name, ours, theirs, ppo))
-    print(f"\nmedian step time (s); machine load at the end: {subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()}")
-    print(f"{'model':<14} {'alignkit GRPO':>14} {'TRL GRPO':>10} {'TRL/alignkit':>13} {'alignkit PPO (1 step)':>22}")
-    for name, ours, theirs, ppo in table:
-        ratio = f"{theirs / ours:.1f}x" if theirs else "-"
-        print(f"{name:<14} {ours:>14.2f} {theirs or float('nan'):>10.2f} {ratio:>13} {ppo or float('nan'):>22.2f}")
+            path = model_path(name, work)
+            body, head = linear_params(load_model(path)[0])
+            for precision in precisions:
+                label = "bf16" if precision == "bf16" else "fp32"
+                kinds = ["alignkit"] + ([] if args.skip_trl else ["trl"]) + ([] if args.skip_ppo else ["ppo"])
+                results = {}
+                for kind in kinds:
+                    results[kind] = launch(kind, path, work / f"{kind}-{name}-{label}", precision, args.steps,
+                                           args.beta, args.threads)
+                    print(f"[{name} {label}] {kind} done: {results[kind]['total_s']:.1f} s", flush=True)
+                rate = rates[precision] * 1e9
+                ours = results["alignkit"]
+                ak = bounds(ours, body, head, rate)
+                print(f"\n[{name}, {label}] {PROMPTS_PER_STEP} prompts x {GROUP} samples x <= {NEW_TOKENS} tokens, "
+                      f"beta {args.beta}, {args.steps} steps. FLOP bound of alignkit GRPO's steady step at "
+                      f"{rates[precision]:.0f} GFLOP/s: {ak['step']:.3f} s = sampling {ak['sampling']:.3f} s + "
+                      f"update {ak['update']:.3f} s; all steps {ak['e2e']:.2f} s")
+                print(f"{'run':<20} {'end to end':>10} {'start-up':>9} {'step':>7} {'rollout':>8} {'update':>7} "
+                      f"{'step/bound':>10} {'upd/bound':>9} {'e2e/bound':>9} {'peak RSS':>9} {'CPU':>6} {'load':>5} "
+                      f"{'e2e vs ak':>9} {'step vs ak':>10}")
+                for kind, r in results.items():
+                    b = bounds(r, body, head, rate)
+                    who = {"alignkit": "alignkit GRPO", "trl": "TRL GRPO (best)", "ppo": "alignkit PPO"}[kind]
+                    print(f"{who:<20} {r['total_s']:9.1f}s {r['startup_s']:8.1f}s {r['step_s']:6.2f}s "
+                          f"{r['rollout_med']:7.2f}s {r['update_med']:6.2f}s {r['step_s'] / b['step']:9.1f}x "
+                          f"{r['update_med'] / b['update']:8.1f}x {r['total_s'] / b['e2e']:8.1f}x "
+                          f"{r['peak_rss_mb']:7.0f}MB {r['cpu_s']:5.0f}s {r['load']:5.1f} "
+                          f"{r['total_s'] / ours['total_s']:8.2f}x {r['step_s'] / ours['step_s']:9.2f}x")
+                print("FLOP bound per run, steady step = sampling + update (s): " + "; ".join(
+                    f"{k} {b['step']:.3f} = {b['sampling']:.3f} + {b['update']:.3f}"
+                    for k, b in ((k, bounds(r, body, head, rate)) for k, r in results.items())))
+                print("per step, distinct-prompt tokens P / generated tokens G (the bounds' counts): " + "; ".join(
+                    f"{k} " + " ".join(f"{t['prompt_tokens']}/{t['generated']}" for t in r["tokens"])
+                    for k, r in results.items()))
+                print("alignkit GRPO mean reward per step: " + str([round(x, 3) for x in ours["rewards"]]), flush=True)
+        print(f"machine load at the end: {os.getloadavg()}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

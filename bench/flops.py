@@ -30,6 +30,45 @@ def train_flops(body: int, head: int, tokens: int, head_tokens: int, frozen_toke
     return 6.0 * (body * tokens + head * head_tokens) + 2.0 * (body * frozen_tokens + head * frozen_head_tokens)
 
 
+def online_step_flops(body: int, head: int, prompt_tokens: int, prompts: int, rows: int, generated: int,
+                      reference: bool = True, old_forward: bool = False, epochs: int = 1) -> tuple[float, float]:
+    """(sampling, update) FLOPs of one online-RL step (GRPO, RLOO, PPO): ``rows`` responses to ``prompts``
+    distinct prompts of ``prompt_tokens`` tokens in all (each prompt counted once, see ``distinct_prompt_tokens``),
+    ``generated`` response tokens in all (EOS included).
+
+    sampling = 2·(N_body·P + N_head·n_prompts) + 2·(N_body + N_head)·(G − B)
+        prefill: each distinct prompt once (alignkit.rollout runs a prompt repeated in the batch, a GRPO group,
+        once, and a prefix common to all prompts, e.g. a chat template's system turn, once), the head at its last
+        position only (the first token's distribution, the same for every row of the group); decode: every
+        generated token but each row's last is fed back, through the body and then the head (the next token's
+        distribution). P = prompt_tokens, G = generated, B = rows.
+    update = epochs·6·(N_body·S + N_head·G) + (reference + old_forward)·2·(N_body·S + N_head·G)
+        policy forward + backward per pass over the rollout, and forward-only passes for the reference
+        (β > 0) and the "old" log-probs (when the trainer recomputes them), each over S = P + G − B body
+        positions (the prompt once per group, as alignkit.logprobs.backbone_hidden shares it; a row's last
+        token predicts nothing) with the head at the G positions whose next token is a response token.
+
+    Hand check: body 10, head 100, one 3-token prompt, 2 rows of 2 tokens each (G = 4), reference, 1 epoch:
+    sampling = 2·(10·3 + 100·1) + 2·110·(4 − 2) = 700; S = 3 + 4 − 2 = 5, update = 8·(10·5 + 100·4) = 3600.
+    """
+    sampling = 2.0 * (body * prompt_tokens + head * prompts) + 2.0 * (body + head) * (generated - rows)
+    seen = prompt_tokens + generated - rows
+    update = (6.0 * epochs + 2.0 * (int(reference) + int(old_forward))) * (body * seen + head * generated)
+    return sampling, update
+
+
+def distinct_prompt_tokens(prompts: list[list[int]]) -> tuple[int, int]:
+    """(tokens, count) of the distinct prompts among ``prompts``, their longest common prefix counted once (as
+    alignkit.rollout's prefill runs it; kept a token short of the shortest prompt, as there)."""
+    distinct = list(dict.fromkeys(map(tuple, prompts)))
+    common = min(map(len, distinct)) - 1
+    for i in range(common):
+        if any(p[i] != distinct[0][i] for p in distinct):
+            common = i
+            break
+    return common + sum(len(p) - common for p in distinct), len(distinct)
+
+
 def matmul_gflops(dtype: torch.dtype = torch.float32, size: int = 1024, seconds: float = 2.0) -> float:
     """Best sustained rate of a square matmul on this machine, all torch threads."""
     a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
