@@ -139,7 +139,7 @@ def dpo_loss_on(model_dir: Path, init_path: str, data: Path) -> float:
 
     init, tokenizer = load_model(init_path)
     examples = read_examples(str(data), preference_example, tokenizer, 128)
-    items = reference_logps(init, examples, tokenizer.pad_token_id, contextlib.nullcontext)
+    items = reference_logps(LogprobModel(init), examples, tokenizer.pad_token_id, contextlib.nullcontext)
     trained, _ = load_model(str(model_dir))
     objective = make_objective(DPOConfig())
     total = 0.0
