@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 import torch
-from flops import matmul_gflops, run_worker
+from flops import machine_rates, model_path, run_worker
 
 GOOD = ["a warm, funny and beautifully acted film", "a gripping story with a superb cast", "moving, clever and full of heart",
         "the best thing I have seen this year", "a delight from start to finish, with wonderful music"]
@@ -184,30 +184,13 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         return worker(args)
-    from alignkit.models import bf16_is_fast, resolve, tiny_causal_lm
-
-    bf16 = bf16_is_fast()
     work = Path(tempfile.mkdtemp(prefix="bench-dpo-"))
     data = work / "pairs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in make_pairs(args.pairs)))
-    precisions = ["bf16", "no"] if bf16 else ["no"]
-    if args.threads:
-        torch.set_num_threads(args.threads)  # the matmul rate at the runs' thread count
-    rates = {p: matmul_gflops(torch.bfloat16 if p == "bf16" else torch.float32) for p in precisions}
-    print(f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, bf16 "
-          f"{'native' if bf16 else 'emulated: off (no native bf16 on this CPU)'}, matmul "
-          + ", ".join(f"{'bf16' if p == 'bf16' else 'fp32'} {r:.0f} GFLOP/s" for p, r in rates.items())
-          + f"; load average {os.getloadavg()[0]:.1f}", flush=True)
+    rates = machine_rates(args.threads)
     for name in args.models.split(","):
-        if name == "tiny":
-            model, tokenizer = tiny_causal_lm(num_layers=2, hidden_size=128)
-            path = work / "tiny"
-            model.save_pretrained(path)
-            tokenizer.save_pretrained(path)
-            path = str(path)
-        else:
-            path = resolve("smollm2-135m")
-        for precision in precisions:
+        path = model_path(name, work)
+        for precision in rates:
             label = "bf16" if precision == "bf16" else "fp32"
             kinds = ["alignkit", "alignkit-padded"] + ([] if args.skip_trl else ["trl"])
             results = {}

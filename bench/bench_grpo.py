@@ -41,7 +41,14 @@ import time
 from pathlib import Path
 
 import torch
-from flops import distinct_prompt_tokens, linear_params, matmul_gflops, online_step_flops, run_worker
+from flops import (
+    distinct_prompt_tokens,
+    linear_params,
+    machine_rates,
+    model_path,
+    online_step_flops,
+    run_worker,
+)
 
 PROMPTS = Path(__file__).resolve().parents[1] / "alignkit" / "bundled" / "movie_prompts_train.jsonl"
 PROMPTS_PER_STEP, GROUP, NEW_TOKENS, MAX_LENGTH = 16, 4, 32, 256
@@ -219,19 +226,6 @@ def bounds(result: dict, body: int, head: int, rate: float) -> dict[str, float]:
             "e2e": sum(s + u for s, u in per_step) / rate}
 
 
-def model_path(name: str, root: Path) -> str:
-    """A directory every trainer can load: the tiny llama saved once, or the cached SmolLM2 import."""
-    from alignkit.models import resolve, tiny_causal_lm
-
-    if name != "tiny":
-        return resolve("smollm2-135m" if name == "smollm2" else name)
-    model, tokenizer = tiny_causal_lm(num_layers=2, hidden_size=128)
-    path = root / name
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=3, help="rollout steps per run (>= 2 gives a steady median)")
@@ -249,23 +243,15 @@ def main() -> None:
         parser.error("--steps: expected at least 1")
     if args.worker:
         return worker(args)
-    from alignkit.models import bf16_is_fast, load_model
+    from alignkit.models import load_model
 
-    bf16 = bf16_is_fast()
-    precisions = ["bf16", "no"] if bf16 else ["no"]
-    if args.threads:
-        torch.set_num_threads(args.threads)  # the matmul rate at the runs' thread count
-    rates = {p: matmul_gflops(torch.bfloat16 if p == "bf16" else torch.float32) for p in precisions}
-    print(f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, bf16 "
-          f"{'native' if bf16 else 'emulated: off (no native bf16 on this CPU)'}, matmul "
-          + ", ".join(f"{'bf16' if p == 'bf16' else 'fp32'} {r:.0f} GFLOP/s" for p, r in rates.items())
-          + f"; load average {os.getloadavg()[0]:.1f}", flush=True)
+    rates = machine_rates(args.threads)
     work = Path(tempfile.mkdtemp(prefix="bench-grpo-"))
     try:
         for name in args.models.split(","):
             path = model_path(name, work)
             body, head = linear_params(load_model(path)[0])
-            for precision in precisions:
+            for precision in rates:
                 label = "bf16" if precision == "bf16" else "fp32"
                 kinds = ["alignkit"] + ([] if args.skip_trl else ["trl"]) + ([] if args.skip_ppo else ["ppo"])
                 results = {}

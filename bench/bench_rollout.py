@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 
 import torch
-from flops import distinct_prompt_tokens, linear_params, matmul_gflops, online_step_flops
+from flops import distinct_prompt_tokens, linear_params, matmul_gflops, model_path, online_step_flops
 
 from alignkit.models import load_model
 from alignkit.rollout import SamplingConfig, sample
@@ -131,19 +131,6 @@ def greedy_check(model, tokenizer, n_prompts: int = 4, new_tokens: int = 32) -> 
     first = rollout.response_ids[0][rollout.response_mask[0].bool()]
     print("first greedy reply:", repr(tokenizer.decode(first)))
     return equal, len(prompts)
-
-
-def model_path(name: str, root: Path) -> str:
-    """The tiny llama saved once, or the cached SmolLM2 import (any other name or path as given)."""
-    from alignkit.models import resolve, tiny_causal_lm
-
-    if name != "tiny":
-        return resolve("smollm2-135m" if name == "smollm2" else name)
-    model, tokenizer = tiny_causal_lm(num_layers=2, hidden_size=128)
-    path = root / name
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
 
 
 def bench_model(name: str, path: str, args, use_bf16: bool, rates: dict[str, float]) -> None:

@@ -81,6 +81,36 @@ def matmul_gflops(dtype: torch.dtype = torch.float32, size: int = 1024, seconds:
     return best
 
 
+def model_path(name: str, root) -> str:
+    """A directory every bench arm can load: the tiny 2-layer llama saved once under ``root``, or the cached
+    SmolLM2 import (``smollm2``; any other name or path as ``alignkit.models.resolve`` reads it)."""
+    from alignkit.models import resolve, tiny_causal_lm
+
+    if name != "tiny":
+        return resolve("smollm2-135m" if name == "smollm2" else name)
+    model, tokenizer = tiny_causal_lm(num_layers=2, hidden_size=128)
+    path = root / name
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def machine_rates(threads: int = 0) -> dict[str, float]:
+    """Precision -> measured matmul GFLOP/s at the runs' thread count ("no" = fp32 always; "bf16" too where the
+    CPU has native bf16); prints the one-line machine header every training bench starts with."""
+    from alignkit.models import bf16_is_fast
+
+    bf16 = bf16_is_fast()
+    if threads:
+        torch.set_num_threads(threads)
+    rates = {p: matmul_gflops(torch.bfloat16 if p == "bf16" else torch.float32) for p in (["bf16", "no"] if bf16 else ["no"])}
+    print(f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, bf16 "
+          f"{'native' if bf16 else 'emulated: off (no native bf16 on this CPU)'}, matmul "
+          + ", ".join(f"{'bf16' if p == 'bf16' else 'fp32'} {r:.0f} GFLOP/s" for p, r in rates.items())
+          + f"; load average {os.getloadavg()[0]:.1f}", flush=True)
+    return rates
+
+
 def run_worker(command: list[str], threads: int = 0) -> dict:
     """Run one bench arm in its own process (so its peak RSS is its own) and read its ``RESULT {json}`` line; adds
     the median steady step ``step_s`` (from the worker's ``step_ends``), ``steps`` and the mean load average."""
