@@ -150,6 +150,7 @@ class Engine:
             project_dir=cfg.output_dir,
         )
         set_seed(cfg.seed)
+        keep_freed_memory()
         self.output_dir = Path(cfg.output_dir)
         if self.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -748,6 +749,27 @@ def default_threads() -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["WORLD_SIZE"])))
 
 
+def keep_freed_memory() -> None:
+    """Make glibc's malloc keep freed memory for reuse instead of handing it back to the kernel.
+
+    By default glibc serves every allocation above 32 MB (a step's logits chunks, the LM head's and embedding's
+    gradients, activations) with a fresh ``mmap`` and unmaps it on free, so each training step faults every page of
+    them in again: on the 2-core machine that was ~100k page faults and 0.3-0.6 s of kernel time per SmolLM2 DPO
+    step, all of it repeated work. With mmap off and trimming at 2 GB the freed blocks stay in the heap and the next
+    step reuses them (0 faults per steady step, the same peak RSS). A no-op off glibc."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_max = -1, -4  # from glibc's malloc.h
+        libc.mallopt(m_mmap_max, 0)
+        libc.mallopt(m_trim_threshold, 2**31 - 1)
+    except (OSError, AttributeError):  # not glibc (musl, ...)
+        pass
+
+
 def total_steps_for(cfg: TrainConfig, n_examples: int, world_size: int) -> int:
     if cfg.max_steps > 0:
         return cfg.max_steps
@@ -755,4 +777,4 @@ def total_steps_for(cfg: TrainConfig, n_examples: int, world_size: int) -> int:
     return max(1, math.ceil(cfg.epochs * steps_per_epoch))
 
 
-__all__ = ["Engine", "TrainConfig", "TrainingDiverged", "default_threads", "distributed_state", "total_steps_for"]
+__all__ = ["Engine", "TrainConfig", "TrainingDiverged", "default_threads", "distributed_state", "keep_freed_memory", "total_steps_for"]

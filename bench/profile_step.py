@@ -27,6 +27,9 @@ def main() -> None:
     parser.add_argument("--algo", default="dpo", choices=["dpo", "rm"])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--top", type=int, default=12)
+    parser.add_argument("--layout", default="both", choices=["both", "padded", "packed"])
+    parser.add_argument("--shapes", action="store_true", help="group the table by input shapes as well")
+    parser.add_argument("--stacks", metavar="OP", help="also print where OP (e.g. aten::fill_) is called from")
     args = parser.parse_args()
     from alignkit.data import preference_example, read_examples
 
@@ -68,14 +71,19 @@ def main() -> None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    for pack in (False, True):
+    for pack in {"both": (False, True), "padded": (False,), "packed": (True,)}[args.layout]:
         step(pack)  # warm-up
         start = time.perf_counter()
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=args.shapes, with_stack=bool(args.stacks)) as prof:
             step(pack)
         print(f"\n== {args.algo}, {'padding-free' if pack else 'padded (--no-packing)'}: step "
               f"{time.perf_counter() - start:.2f} s under the profiler")
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.top, max_name_column_width=40))
+        print(prof.key_averages(group_by_input_shape=args.shapes).table(
+            sort_by="self_cpu_time_total", row_limit=args.top, max_name_column_width=40, max_shapes_column_width=60))
+        if args.stacks:
+            rows = [e for e in prof.key_averages(group_by_stack_n=6) if e.key == args.stacks]
+            for e in sorted(rows, key=lambda e: -e.self_cpu_time_total)[:8]:
+                print(f"{e.self_cpu_time_total / 1e3:9.1f} ms {e.count:5d} calls  " + " <- ".join(e.stack[:6]))
 
 
 if __name__ == "__main__":
