@@ -189,7 +189,7 @@ class HeadLogprobs(torch.autograd.Function):
         hidden, weight, targets = ctx.saved_tensors
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
+        grad_weight = None  # the first chunk's product, then accumulated (no pass zeroing a vocab x hidden buffer)
         grad_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) \
             if need_bias and ctx.has_bias else None
         for k, start in enumerate(range(0, hidden.shape[0], CHUNK_TOKENS)):
@@ -201,13 +201,15 @@ class HeadLogprobs(torch.autograd.Function):
                 low = grad_logits.to(ctx.mm_dtype)
                 if grad_hidden is not None:
                     grad_hidden[chunk] = (low @ weight.to(ctx.mm_dtype)).to(hidden.dtype)
-                if grad_weight is not None:
-                    grad_weight += (low.T @ hidden[chunk].to(ctx.mm_dtype)).float()
+                if need_weight:
+                    part = (low.T @ hidden[chunk].to(ctx.mm_dtype)).float()
+                    grad_weight = part if grad_weight is None else grad_weight.add_(part)
             else:
                 if grad_hidden is not None:
                     grad_hidden[chunk] = (grad_logits @ weight.float()).to(hidden.dtype)
-                if grad_weight is not None:
-                    grad_weight.addmm_(grad_logits.T, hidden[chunk].float())
+                if need_weight:
+                    grad_weight = grad_logits.T @ hidden[chunk].float() if grad_weight is None \
+                        else grad_weight.addmm_(grad_logits.T, hidden[chunk].float())
             if grad_bias is not None:
                 grad_bias += grad_logits.sum(0)
         ctx.exps = ctx.sums = None

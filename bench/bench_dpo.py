@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 import torch
-from flops import machine_rates, model_path, run_worker
+from flops import machine_rates, model_path, refresh_rates, run_worker
 
 GOOD = ["a warm, funny and beautifully acted film", "a gripping story with a superb cast", "moving, clever and full of heart",
         "the best thing I have seen this year", "a delight from start to finish, with wonderful music"]
@@ -197,6 +197,7 @@ def main() -> None:
             for kind in kinds:
                 results[kind] = launch(kind, path, data, work / f"{kind}-{name}-{label}", precision, args.threads)
                 print(f"[{name} {label}] {kind} done: {results[kind]['total_s']:.1f} s", flush=True)
+            refresh_rates(rates)
             bound = flop_bounds(path, data, rates[precision])
             ours = results["alignkit"]
             print(f"\n[{name}, {label}] {args.pairs} pairs, batch 8, 1 epoch. FLOP bound at {rates[precision]:.0f} "

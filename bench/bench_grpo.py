@@ -47,6 +47,7 @@ from flops import (
     machine_rates,
     model_path,
     online_step_flops,
+    refresh_rates,
     run_worker,
 )
 
@@ -259,6 +260,7 @@ def main() -> None:
                     results[kind] = launch(kind, path, work / f"{kind}-{name}-{label}", precision, args.steps,
                                            args.beta, args.threads)
                     print(f"[{name} {label}] {kind} done: {results[kind]['total_s']:.1f} s", flush=True)
+                refresh_rates(rates)
                 rate = rates[precision] * 1e9
                 ours = results["alignkit"]
                 ak = bounds(ours, body, head, rate)

@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 import torch
-from flops import matmul_gflops, run_worker
+from flops import matmul_gflops, refresh_rates, run_worker
 
 LR = 1e-5
 MAX_LENGTH = 128
@@ -223,6 +223,7 @@ def main() -> None:
             results = {kind: launch(kind, init, data, work / f"{kind}-{name}-{label}", args.threads, precision)
                        for kind in kinds}
             ours = results["alignkit"]
+            refresh_rates(rates)
             tflop, bound = flop_bound(init, data, rates[precision])
             steps = len(ours["step_ends"])
             print(f"\n[{name}, {label}] FLOP bound {tflop:.2f} TFLOP: epoch {bound:.1f} s, steady step {bound / steps:.2f} s "

@@ -10,6 +10,7 @@ step runs before the profiled one, AdamW included, as in the trainer.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import tempfile
@@ -30,8 +31,12 @@ def main() -> None:
     parser.add_argument("--layout", default="both", choices=["both", "padded", "packed"])
     parser.add_argument("--shapes", action="store_true", help="group the table by input shapes as well")
     parser.add_argument("--stacks", metavar="OP", help="also print where OP (e.g. aten::fill_) is called from")
+    parser.add_argument("--malloc-default", action="store_true", help="leave glibc's malloc as it is (A/B)")
+    parser.add_argument("--floor", action="store_true",
+                        help="instead of the profile: the step against the matmul floor and the FLOP bound")
     args = parser.parse_args()
     from alignkit.data import preference_example, read_examples
+    from alignkit.engine import keep_freed_memory
 
     work = Path(tempfile.mkdtemp(prefix="profile-"))
     data = work / "pairs.jsonl"
@@ -64,6 +69,8 @@ def main() -> None:
         def loss(pack: bool):
             return rm.pairwise_loss(module, rm.collate_pairs(examples, tokenizer.pad_token_id, pack))[0]
 
+    if not args.malloc_default:
+        keep_freed_memory()  # as the trainer (Engine) does
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-7, fused=True)  # as the trainer's
 
     def step(pack: bool) -> None:
@@ -71,6 +78,8 @@ def main() -> None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    if args.floor:
+        return floor(step, args.layout)
     for pack in {"both": (False, True), "padded": (False,), "packed": (True,)}[args.layout]:
         step(pack)  # warm-up
         start = time.perf_counter()
@@ -84,6 +93,29 @@ def main() -> None:
             rows = [e for e in prof.key_averages(group_by_stack_n=6) if e.key == args.stacks]
             for e in sorted(rows, key=lambda e: -e.self_cpu_time_total)[:8]:
                 print(f"{e.self_cpu_time_total / 1e3:9.1f} ms {e.count:5d} calls  " + " <- ".join(e.stack[:6]))
+
+
+def floor(step, layout: str) -> None:
+    """Median of 3 unprofiled steps against (a) the matmul floor: this step's matrix multiplies replayed alone at
+    their own shapes (flops.matmul_floor), and (b) the FLOP bound: the same matmul FLOPs at the 1024-square rate."""
+    import statistics
+
+    from flops import machine_rates, matmul_floor
+
+    rate = machine_rates()["no"] * 1e9
+    for pack in {"both": (False, True), "padded": (False,), "packed": (True,)}[layout]:
+        step(pack)
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            step(pack)
+            times.append(time.perf_counter() - start)
+        seconds, flops, calls = matmul_floor(functools.partial(step, pack))
+        median, bound = statistics.median(times), flops / rate
+        print(f"{'padding-free' if pack else 'padded'}: step {median:.2f} s; {calls} matmuls, {flops / 1e9:.0f} GFLOP: "
+              f"FLOP bound {bound:.2f} s, matmul floor {seconds:.2f} s ({flops / seconds / 1e9:.0f} GFLOP/s, "
+              f"{seconds / bound:.2f}x the bound); step = {median / seconds:.2f}x the floor, {median / bound:.2f}x "
+              f"the bound", flush=True)
 
 
 if __name__ == "__main__":
