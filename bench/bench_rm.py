@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import resource
 import shutil
@@ -33,7 +32,7 @@ import time
 from pathlib import Path
 
 import torch
-from flops import matmul_gflops, refresh_rates, run_worker
+from flops import machine_rates, refresh_rates, run_worker
 
 LR = 1e-5
 MAX_LENGTH = 128
@@ -203,17 +202,12 @@ def main() -> None:
     if args.worker:
         return worker(args)
 
-    from alignkit.models import bf16_is_fast
-
     work = Path(tempfile.mkdtemp(prefix="bench-rm-"))
     data = work / "pairs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in make_pairs(args.pairs, MAX_LENGTH)))
-    print(f"{args.pairs} pairs, batch {BATCH}, max length {MAX_LENGTH}, 1 epoch, lr {LR}; {os.cpu_count()} CPUs, "
-          f"torch threads {args.threads or torch.get_num_threads()}, "
-          f"bf16 {'native' if bf16_is_fast() else 'emulated (off)'}, load average {os.getloadavg()[0]:.1f}")
-    precisions = ["bf16", "no"] if bf16_is_fast() else ["no"]
-    rates = {p: matmul_gflops(torch.bfloat16 if p == "bf16" else torch.float32) for p in precisions}
-    print("matmul rate " + ", ".join(f"{'bf16' if p == 'bf16' else 'fp32'} {r:.0f} GFLOP/s" for p, r in rates.items()))
+    print(f"{args.pairs} pairs, batch {BATCH}, max length {MAX_LENGTH}, 1 epoch, lr {LR}")
+    rates = machine_rates(args.threads)  # at the runs' thread count
+    precisions = list(rates)
     ok = True
     for name in args.models.split(","):
         init = init_checkpoint(name, work)

@@ -21,6 +21,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).parent))
+LAYOUTS = {"both": (False, True), "padded": (False,), "packed": (True,)}  # --layout -> packing on/off
 
 
 def main() -> None:
@@ -80,7 +81,7 @@ def main() -> None:
 
     if args.floor:
         return floor(step, args.layout)
-    for pack in {"both": (False, True), "padded": (False,), "packed": (True,)}[args.layout]:
+    for pack in LAYOUTS[args.layout]:
         step(pack)  # warm-up
         start = time.perf_counter()
         with profile(activities=[ProfilerActivity.CPU], record_shapes=args.shapes, with_stack=bool(args.stacks)) as prof:
@@ -103,7 +104,7 @@ def floor(step, layout: str) -> None:
     from flops import machine_rates, matmul_floor
 
     rate = machine_rates()["no"] * 1e9
-    for pack in {"both": (False, True), "padded": (False,), "packed": (True,)}[layout]:
+    for pack in LAYOUTS[layout]:
         step(pack)
         times = []
         for _ in range(3):
