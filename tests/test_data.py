@@ -348,6 +348,17 @@ def test_prompt_only(tok):
     assert tok.decode(e.prompt_ids) == SYSTEM + "<|im_start|>user\nTell me a story.<|im_end|>\n<|im_start|>assistant\n"
 
 
+def test_conversation_as_prompt(tok):
+    """SFT-shaped ``messages`` data serves as prompts: the turns up to the last user message are the prompt, the
+    assistant answer after it the reference (a record's own ``reference`` wins)."""
+    turns = [user("Hi."), assistant("Hello!"), user("Name a colour."), assistant("Blue.")]
+    e = prompt_example(rec({"messages": turns, "id": 7}), tok, None)
+    assert e.prompt == turns[:3] and e.prompt_ids == encode_prompt(tok, turns[:3])
+    assert e.extra == {"id": 7, "reference": "Blue."}
+    e = prompt_example(rec({"messages": turns[:3], "reference": "Red."}), tok, None)
+    assert e.prompt == turns[:3] and e.extra == {"reference": "Red."}
+
+
 # ------------------------------------------------------------------------------------------------ validation
 
 _TWO_TURNS = [user("a"), assistant("b")]
@@ -405,6 +416,9 @@ INVALID = [  # (builder, record, message after "file:line: ", reason counted whe
      "field 'label': expected true or false, got 2", "wrong type 'label'"),
     (unpaired_example, {"prompt": "p", "completion": "c"}, "missing field 'label'", "missing field 'label'"),
     (prompt_example, {"prompt": ""}, "field 'prompt' is empty; expected non-empty text", "empty 'prompt'"),
+    (prompt_example, {"completion": "x"}, "missing field 'prompt' (or 'messages')", "missing field 'prompt'"),
+    (prompt_example, {"messages": [assistant("b")]}, "field 'messages': no user message to take as the prompt",
+     "no user message"),
     (prompt_example, {"prompt": [{"content": "hi"}]},
      "field 'prompt[0]': expected a message {'role': str, 'content': str}, got {'content': 'hi'}",
      "malformed message in 'prompt'"),

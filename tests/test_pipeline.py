@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from alignkit.cli import main
+from alignkit.data import load_records
 from alignkit.pipeline import RECIPES, load_recipe, run_recipe
 from alignkit.pipeline.quickstart import paired_rise, quickstart
 from alignkit.pipeline.recipe import load
@@ -110,6 +111,33 @@ def test_bundled_recipes_resolve(recipe, tmp_path):
     for stage in loaded.stages:
         for value in stage.resolved.values():
             assert "${" not in str(value)
+
+
+def _readers(tokenizer):
+    """How each command reads its ``data``/``eval_data`` (the function it calls on the file)."""
+    from alignkit.data import read_examples, sft_example
+    from alignkit.feedback.critique import read_items
+    from alignkit.online import read_prompts
+
+    prompts = lambda source: read_prompts(source, tokenizer, 1024)  # noqa: E731
+    return {**{c: prompts for c in ("bon", "evaluate", "ppo", "grpo", "rloo", "raft")},
+            "sft": lambda source: read_examples(source, sft_example, tokenizer, 1024),
+            "critique": read_items,
+            "curate": lambda source: load_records(source)}
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in RECIPES.glob("*.yaml")))
+def test_bundled_recipes_read_their_bundled_data(recipe, tmp_path, tiny_model_dir):
+    """Every bundled data set a bundled recipe names reads with its stage's reader: a shape mismatch shows here,
+    not hours into ``alignkit run``."""
+    from alignkit.models import load_tokenizer
+
+    readers = _readers(load_tokenizer(str(tiny_model_dir)))
+    named = [(stage, value) for stage in load_recipe(RECIPES / recipe, run_dir=str(tmp_path)).stages
+             for key, value in stage.resolved.items() if key in ("data", "eval_data") and str(value).startswith("bundled:")]
+    for stage, source in named:
+        assert stage.command in readers, f"{recipe}: stage {stage.name}: no reader known for {stage.command}"
+        assert len(readers[stage.command](source)) > 0, f"{recipe}: stage {stage.name} read nothing from {source}"
 
 
 BASE = """model: m

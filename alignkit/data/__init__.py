@@ -16,6 +16,7 @@ from alignkit.data.examples import (
     ranked_example,
     read_examples,
     sft_example,
+    split_conversation,
     unpaired_example,
 )
 from alignkit.data.records import DataError, Record, load_records
@@ -23,6 +24,6 @@ from alignkit.data.records import DataError, Record, load_records
 __all__ = [
     "IGNORE", "DataError", "PreferenceExample", "PromptExample", "RankedExample", "Record", "SFTExample",
     "UnpairedExample", "build_examples", "encode_prompt", "encode_prompt_completion", "load_records", "pack_sft",
-    "pad_sft", "preference_example", "prompt_example", "ranked_example", "read_examples", "sft_example",
+    "pad_sft", "preference_example", "prompt_example", "ranked_example", "read_examples", "sft_example", "split_conversation",
     "unpaired_example",
 ]

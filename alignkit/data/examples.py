@@ -10,7 +10,8 @@ Accepted shapes (the ones TRL users already have):
   (float) and ``label`` (probability that chosen is preferred: soft labels from an AI labeler).
 - Ranked: ``{"prompt", "responses": [...], "scores": [...]}`` with at least two responses.
 - Unpaired: ``{"prompt", "completion", "label": bool}`` (KTO).
-- Prompt-only: ``{"prompt"}`` (online RL), optional ``reference`` answer.
+- Prompt-only: ``{"prompt"}`` (online RL), optional ``reference`` answer; or ``{"messages"}``, prompted up to
+  its last user turn (the assistant's answer after it becomes the ``reference``).
 
 Nothing is truncated or dropped silently: an invalid record raises ``DataError`` naming file, line, field and
 what was expected, unless ``on_error="skip"``, in which case it is counted in the returned report.
@@ -337,11 +338,36 @@ def unpaired_example(record: Record, tokenizer, max_length: int | None) -> Unpai
     return UnpairedExample(prompt_ids, completion_ids, bool(label), record.where)
 
 
+def split_conversation(messages: Any, where: str) -> tuple[list, str | None]:
+    """A ``messages`` conversation as a prompt: the turns up to its last user message, and the assistant's answer
+    that follows it (None when the conversation ends with the user). SFT data thus doubles as prompts."""
+    _check_text(messages, where, "messages")
+    if isinstance(messages, str):
+        raise DataError(f"{where}: field 'messages': expected a list of messages, got a string", reason="wrong type 'messages'")
+    last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=None)
+    if last_user is None:
+        raise DataError(f"{where}: field 'messages': no user message to take as the prompt", reason="no user message")
+    after = messages[last_user + 1] if last_user + 1 < len(messages) else None
+    answer = after["content"] if after is not None and after["role"] == "assistant" else None
+    return messages[: last_user + 1], answer
+
+
 def prompt_example(record: Record, tokenizer, max_length: int | None) -> PromptExample:
-    prompt = _field(record, "prompt")
+    """``{"prompt", ...}``; or ``{"messages"}``, prompted up to its last user turn, with the assistant's answer
+    after it as the ``reference`` (unless the record has one)."""
+    data = record.data
+    if "prompt" not in data and data.get("messages") is not None:
+        prompt, answer = split_conversation(data["messages"], record.where)
+        extra = {k: v for k, v in data.items() if k != "messages"}
+        if answer is not None:
+            extra.setdefault("reference", answer)
+    else:
+        if data.get("prompt") is None:
+            raise DataError(f"{record.where}: missing field 'prompt' (or 'messages')", reason="missing field 'prompt'")
+        prompt = _field(record, "prompt")
+        extra = {k: v for k, v in data.items() if k != "prompt"}
     prompt_ids = encode_prompt(tokenizer, prompt)
     _check_length(record.where, len(prompt_ids), max_length)
-    extra = {k: v for k, v in record.data.items() if k != "prompt"}
     return PromptExample(prompt_ids, prompt, extra, record.where)
 
 

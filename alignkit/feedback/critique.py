@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from alignkit.config import DataConfig, ModelConfig, arg, checked
-from alignkit.data import DataError, load_records
+from alignkit.data import DataError, load_records, split_conversation
 from alignkit.feedback.constitution import load_constitution
 from alignkit.feedback.label import write_jsonl_atomic
 from alignkit.generation import generator_arg, is_endpoint, make_sampler
@@ -97,17 +97,7 @@ def _item(data: dict, where: str) -> Item:
         return value
 
     if "messages" in data and "prompt" not in data:
-        messages = data["messages"]
-        ok = isinstance(messages, list) and messages and all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages)
-        if not ok:
-            raise DataError(f"{where}: field 'messages': expected a list of {{'role', 'content'}} messages")
-        last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=None)
-        if last_user is None:
-            raise DataError(f"{where}: field 'messages': no user message")
-        prompt = messages[: last_user + 1]
-        answer = messages[last_user + 1] if last_user + 1 < len(messages) else None
-        initial = answer["content"] if answer is not None and answer["role"] == "assistant" else None
+        prompt, initial = split_conversation(data["messages"], where)
         return Item(prompt, [dict(m) for m in prompt], initial, where)
     if "prompt" not in data:
         raise DataError(f"{where}: missing field 'prompt' (or 'messages')")
