@@ -178,6 +178,8 @@ class Engine:
             self.module, self.optimizer = self.accelerator.prepare(train_module, optimizer)
         # FSDP2 replaces parameters by sharded DTensors (accelerate re-points the optimizer at them)
         self.params = [p for p in self.module.parameters() if p.requires_grad]
+        if self.world_size == 1 and self.accelerator.distributed_type == DistributedType.NO:
+            embedding_rows_into_tied_head(model)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(cfg, total_steps))
         self.step = 0
         self.run_config = {"train": asdict(cfg), **(run_config or {})}
@@ -770,6 +772,60 @@ def keep_freed_memory() -> None:
         pass
 
 
+class _EmbeddingRows(torch.autograd.Function):
+    """F.embedding whose weight gradient is added, row by row, into ``weight.grad`` once the backward has finished
+    (after the tied head's dense gradient has landed there), instead of flowing through autograd."""
+
+    @staticmethod
+    def forward(ctx, ids, weight, padding_idx):
+        ctx.save_for_backward(ids)
+        ctx.weight, ctx.padding_idx = weight, padding_idx
+        return torch.nn.functional.embedding(ids, weight, padding_idx)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (ids,) = ctx.saved_tensors
+        weight, flat, rows = ctx.weight, ids.reshape(-1), grad.reshape(-1, grad.shape[-1])
+        if ctx.padding_idx is not None:  # as F.embedding: the padding row gets no gradient
+            keep = flat != ctx.padding_idx
+            flat, rows = flat[keep], rows[keep]
+
+        def add_rows() -> None:
+            if weight.grad is None:  # the head took no part in this backward
+                weight.grad = torch.zeros_like(weight)
+            weight.grad.index_add_(0, flat, rows.to(weight.grad.dtype))
+
+        torch.autograd.Variable._execution_engine.queue_callback(add_rows)
+        return None, None, None
+
+
+def embedding_rows_into_tied_head(model: torch.nn.Module) -> bool:
+    """Add a tied input embedding's gradient (its weight is the LM head's) straight into the head's gradient.
+
+    The dense embedding backward zero-fills a vocab x hidden buffer (113 MB for SmolLM2; ~130 ms of a 2.6 s DPO
+    step on 2 cores), scatters the batch's few hundred rows into it, and autograd adds it to the head's dense
+    gradient; a sparse gradient avoids the fill, but autograd then clones the head's gradient to add it. Here the
+    lookup's backward queues an ``index_add_`` of its rows into ``weight.grad``, run when the backward finishes, so
+    neither buffer exists. For training through ``backward()`` in one process (no DDP/FSDP gradient hooks to see
+    the weight's gradient early). True when switched on."""
+    lm = unwrap(model)
+    embedding, head = lm.get_input_embeddings(), getattr(lm, "get_output_embeddings", lambda: None)()
+    if type(embedding) is not torch.nn.Embedding or head is None or head.weight is not embedding.weight:
+        return False
+    if not embedding.weight.requires_grad or isinstance(embedding.weight, DTensor) or "forward" in vars(embedding):
+        return False
+    if embedding.max_norm is not None or embedding.scale_grad_by_freq or embedding.sparse:
+        return False
+
+    def forward(ids: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and embedding.weight.requires_grad:
+            return _EmbeddingRows.apply(ids, embedding.weight, embedding.padding_idx)
+        return torch.nn.functional.embedding(ids, embedding.weight, embedding.padding_idx)
+
+    embedding.forward = forward
+    return True
+
+
 def total_steps_for(cfg: TrainConfig, n_examples: int, world_size: int) -> int:
     if cfg.max_steps > 0:
         return cfg.max_steps
@@ -777,4 +833,5 @@ def total_steps_for(cfg: TrainConfig, n_examples: int, world_size: int) -> int:
     return max(1, math.ceil(cfg.epochs * steps_per_epoch))
 
 
-__all__ = ["Engine", "TrainConfig", "TrainingDiverged", "default_threads", "distributed_state", "keep_freed_memory", "total_steps_for"]
+__all__ = ["Engine", "TrainConfig", "TrainingDiverged", "default_threads", "distributed_state", "keep_freed_memory", "embedding_rows_into_tied_head",
+           "total_steps_for"]

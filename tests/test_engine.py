@@ -156,3 +156,31 @@ def test_freed_memory_is_reused_without_faulting_its_pages_in_again():
     default, kept = map(int, out.stdout.split())
     assert default >= 16_000
     assert kept < 200
+
+
+def test_tied_embedding_rows_gradient_equals_the_dense_one(tiny_model_dir):
+    """The tiny llama ties its embedding to its head. With the lookup's rows added into the head's gradient after
+    the backward, the weight's gradient equals the dense backward's: through the fused head, accumulated over two
+    backwards, and for a loss that never reaches the head."""
+    from alignkit.engine import embedding_rows_into_tied_head
+
+    dense, _ = load_model(str(tiny_model_dir))
+    rows, tokenizer = load_model(str(tiny_model_dir))
+    assert embedding_rows_into_tied_head(rows) and not embedding_rows_into_tied_head(rows)  # once only
+    assert rows.lm_head.weight is rows.get_input_embeddings().weight
+    ids = torch.randint(0, rows.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    ids[0, :3] = tokenizer.pad_token_id  # a padding_idx row, if the embedding has one, gets no gradient
+    mask = torch.ones_like(ids)
+    for model in (dense, rows):
+        LogprobModel(model)(ids, mask).sum().backward()
+        LogprobModel(model)(ids.flip(1), mask).sum().backward()  # accumulated into the existing gradient
+    weight = rows.get_input_embeddings().weight
+    torch.testing.assert_close(weight.grad, dense.get_input_embeddings().weight.grad, rtol=1e-5, atol=1e-6)
+    for model in (dense, rows):
+        model.zero_grad(set_to_none=True)
+        model.model(input_ids=ids).last_hidden_state.square().mean().backward()  # the head takes no part
+    torch.testing.assert_close(weight.grad, dense.get_input_embeddings().weight.grad, rtol=1e-5, atol=1e-6)
+    looked_up = set(ids.unique().tolist()) - {rows.get_input_embeddings().padding_idx}
+    assert set((weight.grad.abs().sum(1) > 0).nonzero().flatten().tolist()) == looked_up
+    with torch.no_grad():  # the frozen path is the plain lookup
+        torch.testing.assert_close(rows.model(input_ids=ids).last_hidden_state, dense.model(input_ids=ids).last_hidden_state)
