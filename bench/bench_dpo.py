@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 import torch
-from flops import machine_rates, model_path, refresh_rates, run_worker
+from flops import alternate, machine_rates, model_path, refresh_rates, run_worker
 
 GOOD = ["a warm, funny and beautifully acted film", "a gripping story with a superb cast", "moving, clever and full of heart",
         "the best thing I have seen this year", "a delight from start to finish, with wonderful music"]
@@ -176,6 +176,8 @@ def main() -> None:
     parser.add_argument("--models", default="tiny,smollm2")
     parser.add_argument("--pairs", type=int, default=64)
     parser.add_argument("--skip-trl", action="store_true")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="alternate the arms this many rounds and keep each arm's fastest steady step")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads per run (0: torch's default); 1 avoids OpenMP stalls on a busy machine")
     parser.add_argument("--worker", choices=["alignkit", "alignkit-padded", "trl"], help=argparse.SUPPRESS)
@@ -193,10 +195,16 @@ def main() -> None:
         for precision in rates:
             label = "bf16" if precision == "bf16" else "fp32"
             kinds = ["alignkit", "alignkit-padded"] + ([] if args.skip_trl else ["trl"])
-            results = {}
-            for kind in kinds:
-                results[kind] = launch(kind, path, data, work / f"{kind}-{name}-{label}", precision, args.threads)
-                print(f"[{name} {label}] {kind} done: {results[kind]['total_s']:.1f} s", flush=True)
+
+            def run(kind: str, round_: int, name=name, label=label, path=path, precision=precision) -> dict:
+                out = work / f"{kind}-{name}-{label}-{round_}"
+                result = launch(kind, path, data, out, precision, args.threads)
+                result["out"] = out
+                print(f"[{name} {label}] {kind} done: {result['total_s']:.1f} s (step {result['step_s']:.2f} s)",
+                      flush=True)
+                return result
+
+            results = alternate(kinds, args.repeat, run)
             refresh_rates(rates)
             bound = flop_bounds(path, data, rates[precision])
             ours = results["alignkit"]
@@ -211,7 +219,10 @@ def main() -> None:
                 print(f"{who:<26} {r['total_s']:9.1f}s {r['startup_s']:8.1f}s {r['step_s']:6.2f}s "
                       f"{r['step_s'] / bound['step']:9.2f}x {r['total_s'] / bound['epoch']:8.2f}x "
                       f"{r['peak_rss_mb']:7.0f}MB {r['cpu_s']:6.0f}s {r['load']:5.1f} {r['total_s'] / ours['total_s']:10.2f}x")
-            losses = {kind: dpo_loss_on(work / f"{kind}-{name}-{label}" / "final", path, data) for kind in results}
+            if args.repeat > 1:
+                print(f"fastest of {args.repeat} alternating runs per arm; steps of every round: "
+                      + "; ".join(f"{k} " + " ".join(f"{s:.2f}" for s in r["step_s_all"]) for k, r in results.items()))
+            losses = {kind: dpo_loss_on(r["out"] / "final", path, data) for kind, r in results.items()}
             print("DPO loss on the pairs after one epoch (start 0.6931): "
                   + ", ".join(f"{k} {v:.4f}" for k, v in losses.items()), flush=True)
     print(f"machine load at the end: {os.getloadavg()}")

@@ -42,6 +42,7 @@ from pathlib import Path
 
 import torch
 from flops import (
+    alternate,
     distinct_prompt_tokens,
     linear_params,
     machine_rates,
@@ -234,6 +235,8 @@ def main() -> None:
     parser.add_argument("--beta", type=float, default=0.04)
     parser.add_argument("--skip-trl", action="store_true")
     parser.add_argument("--skip-ppo", action="store_true")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="alternate the arms this many rounds and keep each arm's fastest steady step")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads per run (0: torch's default); 1 avoids OpenMP stalls on a busy machine")
     parser.add_argument("--worker", choices=["alignkit", "trl", "ppo"], help=argparse.SUPPRESS)
@@ -255,11 +258,15 @@ def main() -> None:
             for precision in rates:
                 label = "bf16" if precision == "bf16" else "fp32"
                 kinds = ["alignkit"] + ([] if args.skip_trl else ["trl"]) + ([] if args.skip_ppo else ["ppo"])
-                results = {}
-                for kind in kinds:
-                    results[kind] = launch(kind, path, work / f"{kind}-{name}-{label}", precision, args.steps,
-                                           args.beta, args.threads)
-                    print(f"[{name} {label}] {kind} done: {results[kind]['total_s']:.1f} s", flush=True)
+
+                def run(kind: str, round_: int, name=name, label=label, path=path, precision=precision) -> dict:
+                    result = launch(kind, path, work / f"{kind}-{name}-{label}-{round_}", precision, args.steps,
+                                    args.beta, args.threads)
+                    print(f"[{name} {label}] {kind} done: {result['total_s']:.1f} s (step {result['step_s']:.2f} s)",
+                          flush=True)
+                    return result
+
+                results = alternate(kinds, args.repeat, run)
                 refresh_rates(rates)
                 rate = rates[precision] * 1e9
                 ours = results["alignkit"]
@@ -285,6 +292,9 @@ def main() -> None:
                 print("per step, distinct-prompt tokens P / generated tokens G (the bounds' counts): " + "; ".join(
                     f"{k} " + " ".join(f"{t['prompt_tokens']}/{t['generated']}" for t in r["tokens"])
                     for k, r in results.items()))
+                if args.repeat > 1:
+                    print(f"fastest of {args.repeat} alternating runs per arm; steps of every round: " + "; ".join(
+                        f"{k} " + " ".join(f"{s:.2f}" for s in r["step_s_all"]) for k, r in results.items()))
                 print("alignkit GRPO mean reward per step: " + str([round(x, 3) for x in ours["rewards"]]), flush=True)
         print(f"machine load at the end: {os.getloadavg()}")
     finally:
