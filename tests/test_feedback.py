@@ -394,7 +394,9 @@ from test_grpo import peaked_model_dir  # noqa: E402,F401  (the fixture: a tiny 
 def test_rlaif_loop_label_then_rm_on_soft_labels_then_grpo(tmp_path, tiny_model_dir, peaked_model_dir):  # noqa: F811
     """AI labels (a judge preferring more "great" words, 90% confident) -> a reward model trained on the soft labels
     -> GRPO on a tiny policy with that reward model. Known answer: the reward model ranks held-out responses by
-    their number of "great" words, and GRPO raises both the reward-model score and the share of "great"."""
+    their number of "great" words, and GRPO raises both the reward-model score and the share of "great".
+    fp32 and seed 0 throughout: a reward model from 80 pairs can be exploited, and some seeds' policies climb its
+    score with other words (seed 1, 5 steps: no "great" left), so the trajectory is pinned across machines."""
     from alignkit.algos import rm
     from alignkit.algos.grpo import GRPOConfig
     from alignkit.algos.grpo import train as grpo_train
@@ -411,7 +413,7 @@ def test_rlaif_loop_label_then_rm_on_soft_labels_then_grpo(tmp_path, tiny_model_
     rm.train(rm.RMConfig(model=ModelConfig(model=str(tiny_model_dir)),
                          data=DataConfig(data=str(out / "pairs.jsonl"), max_length=64),
                          train=TrainConfig(output_dir=str(rm_dir), max_steps=30, batch_size=16, lr=3e-3,
-                                           warmup_steps=2, report_to="none", progress=False)))
+                                           warmup_steps=2, report_to="none", progress=False, mixed_precision="no")))
     source = RewardModelSource(str(rm_dir))
     held_out = [" great great great film the plot", " great film and the plot movie", " bad film and the plot movie",
                 " boring bad film and the plot"]
@@ -423,8 +425,9 @@ def test_rlaif_loop_label_then_rm_on_soft_labels_then_grpo(tmp_path, tiny_model_
     grpo_train(GRPOConfig(
         model=ModelConfig(model=str(peaked_model_dir)),
         data=DataConfig(data=str(prompts), eval_data=str(prompts), max_length=64),
-        train=TrainConfig(output_dir=str(policy_out), lr=7e-3, batch_size=16, grad_accum=2, max_steps=5,
-                          schedule="constant", report_to="none", progress=False, seed=0),
+        train=TrainConfig(output_dir=str(policy_out), lr=7e-3, batch_size=16, grad_accum=2, max_steps=8,
+                          schedule="constant", report_to="none", progress=False, seed=0,
+                          mixed_precision="no"),
         rollout=RolloutConfig(reward=str(rm_dir), eval_prompts=8, prompts_per_step=8, group_size=4, max_new_tokens=6),
     ))
     rows = [json.loads(line) for line in (policy_out / "metrics.jsonl").read_text().splitlines()]
