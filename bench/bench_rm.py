@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 import torch
-from flops import machine_rates, refresh_rates, run_worker
+from flops import alternate, machine_rates, refresh_rates, run_worker
 
 LR = 1e-5
 MAX_LENGTH = 128
@@ -189,6 +189,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--models", default="tiny,smollm2")
     parser.add_argument("--pairs", type=int, default=64)
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="alternate the arms this many rounds and keep each arm's fastest steady step")
     parser.add_argument("--trl-defaults", default="", help="models (e.g. tiny) on which TRL also runs with its defaults")
     parser.add_argument("--tolerance", type=float, default=0.02, help="largest per-step loss difference accepted")
     parser.add_argument("--threads", type=int, default=0,
@@ -214,8 +216,11 @@ def main() -> None:
         for precision in precisions:
             label = "bf16" if precision == "bf16" else "fp32"
             kinds = ["trl", "alignkit", "alignkit-padded"] + (["trl-defaults"] if name in args.trl_defaults.split(",") else [])
-            results = {kind: launch(kind, init, data, work / f"{kind}-{name}-{label}", args.threads, precision)
-                       for kind in kinds}
+
+            def run(kind: str, round_: int, name=name, label=label, init=init, precision=precision) -> dict:
+                return launch(kind, init, data, work / f"{kind}-{name}-{label}-{round_}", args.threads, precision)
+
+            results = alternate(kinds, args.repeat, run)
             ours = results["alignkit"]
             refresh_rates(rates)
             tflop, bound = flop_bound(init, data, rates[precision])
@@ -231,6 +236,9 @@ def main() -> None:
                       f"{r['step_s'] / (bound / steps):9.2f}x {r['train_s'] / bound:10.2f}x {r['peak_rss_mb']:7.0f}MB "
                       f"{r['load']:5.1f} {r['train_s'] / ours['train_s']:16.2f}x"
                       + (f"  [{r['setting']}]" if "setting" in r else ""))
+            if args.repeat > 1:
+                print(f"fastest of {args.repeat} alternating runs per arm; steps of every round: " + "; ".join(
+                    f"{k} " + " ".join(f"{s:.2f}" for s in r["step_s_all"]) for k, r in results.items()))
             for kind in [k for k in results if k != "alignkit"]:
                 theirs = results[kind]["losses"]
                 diff = max(abs(a - b) for a, b in zip(ours["losses"], theirs, strict=True))
