@@ -812,18 +812,21 @@ def embedding_rows_into_tied_head(model: torch.nn.Module) -> bool:
     embedding, head = lm.get_input_embeddings(), getattr(lm, "get_output_embeddings", lambda: None)()
     if type(embedding) is not torch.nn.Embedding or head is None or head.weight is not embedding.weight:
         return False
-    if not embedding.weight.requires_grad or isinstance(embedding.weight, DTensor) or "forward" in vars(embedding):
+    if not embedding.weight.requires_grad or isinstance(embedding.weight, DTensor):
         return False
     if embedding.max_norm is not None or embedding.scale_grad_by_freq or embedding.sparse:
         return False
-
-    def forward(ids: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() and embedding.weight.requires_grad:
-            return _EmbeddingRows.apply(ids, embedding.weight, embedding.padding_idx)
-        return torch.nn.functional.embedding(ids, embedding.weight, embedding.padding_idx)
-
-    embedding.forward = forward
+    embedding.__class__ = _RowsIntoTiedHead  # a copy (e.g. a frozen reference) keeps its own weight and behaviour
     return True
+
+
+class _RowsIntoTiedHead(torch.nn.Embedding):
+    """An ``nn.Embedding`` whose training lookups go through ``_EmbeddingRows`` (see embedding_rows_into_tied_head)."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and self.weight.requires_grad:
+            return _EmbeddingRows.apply(ids, self.weight, self.padding_idx)
+        return super().forward(ids)
 
 
 def total_steps_for(cfg: TrainConfig, n_examples: int, world_size: int) -> int:

@@ -198,4 +198,3 @@ def alternate(kinds: list[str], repeat: int, run) -> dict[str, dict]:
         best["step_s_all"] = [r["step_s"] for r in results]
         kept[kind] = best
     return kept
-

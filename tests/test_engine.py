@@ -184,3 +184,9 @@ def test_tied_embedding_rows_gradient_equals_the_dense_one(tiny_model_dir):
     assert set((weight.grad.abs().sum(1) > 0).nonzero().flatten().tolist()) == looked_up
     with torch.no_grad():  # the frozen path is the plain lookup
         torch.testing.assert_close(rows.model(input_ids=ids).last_hidden_state, dense.model(input_ids=ids).last_hidden_state)
+    import copy
+
+    frozen = copy.deepcopy(rows).requires_grad_(False)  # a reference copied after the switch looks up its own weight
+    with torch.no_grad():
+        frozen.get_input_embeddings().weight.zero_()
+        assert frozen.get_input_embeddings()(ids).abs().sum() == 0 and rows.get_input_embeddings()(ids).abs().sum() > 0

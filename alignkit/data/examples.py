@@ -356,14 +356,14 @@ def prompt_example(record: Record, tokenizer, max_length: int | None) -> PromptE
     """``{"prompt", ...}``; or ``{"messages"}``, prompted up to its last user turn, with the assistant's answer
     after it as the ``reference`` (unless the record has one)."""
     data = record.data
-    if "prompt" not in data and data.get("messages") is not None:
+    if data.get("prompt") is None and data.get("messages") is not None:
         prompt, answer = split_conversation(data["messages"], record.where)
-        extra = {k: v for k, v in data.items() if k != "messages"}
+        extra = {k: v for k, v in data.items() if k not in ("prompt", "messages")}
         if answer is not None:
             extra.setdefault("reference", answer)
+    elif data.get("prompt") is None:
+        raise DataError(f"{record.where}: missing field 'prompt' (or 'messages')", reason="missing field 'prompt'")
     else:
-        if data.get("prompt") is None:
-            raise DataError(f"{record.where}: missing field 'prompt' (or 'messages')", reason="missing field 'prompt'")
         prompt = _field(record, "prompt")
         extra = {k: v for k, v in data.items() if k != "prompt"}
     prompt_ids = encode_prompt(tokenizer, prompt)
