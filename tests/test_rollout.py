@@ -1,6 +1,8 @@
 """alignkit.rollout: the sampling rule by hand; both decoders against Hugging Face on tiny random models."""
 
+import gc
 import math
+import weakref
 
 import pytest
 import torch
@@ -13,6 +15,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+from alignkit import rollout as rollout_module
 from alignkit.rollout import (
     Rollout,
     SamplingConfig,
@@ -275,3 +278,48 @@ def test_bf16_fast_path_samples_the_bf16_model():
     error = (rollout.logprobs - forward_logprobs(model, rollout)).abs()
     assert error.sum() / n < 0.05 and error.max() < 0.3
     assert (rollout.logprobs - forward_logprobs(tiny_llama(seed=1), rollout)).abs().sum() / n > 1.0
+
+
+def test_packed_weights_are_used_and_sample_as_the_plain_ones(monkeypatch):
+    """On CPU the decoder multiplies by oneDNN-packed fp32 weights (rollout._packs): the same tokens and, to
+    rounding, the same log-probs as with the plain weights. (Where the CPU packs bf16 too, the bf16 test above
+    runs packed.)"""
+    cpu = torch.device("cpu")
+    assert rollout_module._packs(torch.float32, cpu)
+    model = tiny_llama()
+    decoder = rollout_module._LlamaDecoder(model, torch.float32)
+    qkv, o_proj = decoder.layers[0][1], decoder.layers[0][2]
+    assert len(qkv) == 1 and qkv[0][0].is_mkldnn and o_proj[0].is_mkldnn and decoder.lm_head[0].is_mkldnn
+    config = SamplingConfig(max_new_tokens=12, **FP32)
+    out = {}
+    for packed in (True, False):
+        monkeypatch.setattr(rollout_module, "PACK_WEIGHTS", packed)
+        out[packed] = sample(model, chat_like_prompts(), config, eos_token_id=1, pad_token_id=PAD,
+                             generator=torch.Generator().manual_seed(2))
+    assert not rollout_module._LlamaDecoder(model, torch.float32).lm_head[0].is_mkldnn  # the switch took
+    assert responses(out[True]) == responses(out[False]) and out[True].response_mask.sum() > 30
+    torch.testing.assert_close(out[True].logprobs, out[False].logprobs, atol=1e-5, rtol=0)
+
+
+def test_frozen_model_keeps_its_decoder_until_a_weight_changes():
+    """A frozen model (serving, judging) reuses its decoder and packed weights between calls; an in-place change
+    of any weight rebuilds it; a trainable model keeps nothing; the cache does not keep a model alive."""
+    model = tiny_llama().requires_grad_(False)
+    prompts = chat_like_prompts()
+    first = sample(model, prompts, GREEDY10, eos_token_id=1, pad_token_id=PAD)
+    decoder = rollout_module._DECODERS[model][1]
+    again = sample(model, prompts, GREEDY10, eos_token_id=1, pad_token_id=PAD)
+    assert rollout_module._DECODERS[model][1] is decoder and responses(again) == responses(first)
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight.mul_(-1.0)
+    changed = sample(model, prompts, GREEDY10, eos_token_id=1, pad_token_id=PAD)
+    assert rollout_module._DECODERS[model][1] is not decoder
+    assert responses(changed) != responses(first)
+    assert responses(changed) == hf_greedy(model, changed, 10, eos=1)  # the new weights, not the cached ones
+    trainable = tiny_llama()
+    sample(trainable, prompts, GREEDY10, eos_token_id=1, pad_token_id=PAD)
+    assert trainable not in rollout_module._DECODERS
+    alive = weakref.ref(model)
+    del model, decoder
+    gc.collect()
+    assert alive() is None

@@ -95,6 +95,7 @@ def run(cfg: BoNConfig) -> BoNResult:
     local = not is_endpoint(cfg.generator)
     if local:
         model, tokenizer = load_model(cfg.model.model, trust_remote_code=cfg.model.trust_remote_code)
+        model.requires_grad_(False)  # never trained: the sampler keeps its packed weights (rollout._decoder)
     else:  # the endpoint samples; the tokenizer still renders and checks the prompts
         model, tokenizer = None, load_tokenizer(cfg.model.model, trust_remote_code=cfg.model.trust_remote_code)
     reward = load_reward(cfg.rollout.reward)

@@ -197,6 +197,7 @@ def critique(cfg: CritiqueConfig) -> Path:
 
         default_threads()
         model, tokenizer = load_model(cfg.model.model, trust_remote_code=cfg.model.trust_remote_code)
+        model.requires_grad_(False)  # never trained: the sampler keeps its packed weights (rollout._decoder)
         # prompt (a growing conversation) + response: the model's whole context
         sampler = make_sampler(cfg.generator, model, tokenizer, getattr(model.config, "max_position_embeddings", 4096),
                                seed=cfg.seed, follow_updates=False)

@@ -189,6 +189,7 @@ class LocalLMJudge(Judge):
 
             model_name = model
             model, tokenizer = load_model(model)
+            model.requires_grad_(False)  # ours, never trained: the sampler keeps its packed weights (rollout._decoder)
         else:
             model_name = str(getattr(model.config, "_name_or_path", "") or type(model).__name__)
         if tokenizer is None:

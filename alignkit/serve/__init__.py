@@ -92,7 +92,7 @@ def run(config: ServeConfig) -> None:
     except (OSError, ValueError) as error:  # a missing directory, an unknown hub id offline, a broken config
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise DataError(f"--model {config.model}: cannot load it: {first_line}") from None
-    app = create_app(model, tokenizer, config, api_key=api_key)
+    app = create_app(model.requires_grad_(False), tokenizer, config, api_key=api_key)  # frozen: see rollout._decoder
     name = config.served_name or config.model
     auth = "bearer token required" if api_key else "no auth"
     print(f"alignkit serve: {name!r} at http://{config.host}:{config.port}/v1 ({auth}); Ctrl-C stops", flush=True)
