@@ -323,3 +323,46 @@ def test_frozen_model_keeps_its_decoder_until_a_weight_changes():
     del model, decoder
     gc.collect()
     assert alive() is None
+
+
+def test_prefill_chunks_are_the_cheapest_split_of_the_sorted_prompts():
+    """Against every split of the length-sorted prompts into consecutive chunks (brute force): the cheapest one
+    (positions padded to each chunk's longest + PREFILL_CHUNK_COST per chunk, token cap respected); every prompt
+    once, each chunk sorted so its last prompt is its longest."""
+    import itertools
+
+    from alignkit.rollout import PREFILL_CHUNK_COST, PREFILL_CHUNK_TOKENS, _prefill_chunks
+
+    def cost(chunks, lengths):
+        return sum(len(c) * max(lengths[i] for i in c) + PREFILL_CHUNK_COST for c in chunks)
+
+    g = torch.Generator().manual_seed(0)
+    for trial in range(20):
+        n = 1 + trial % 9
+        lengths = torch.randint(1, 90 if trial % 2 else 700, (n,), generator=g).tolist()
+        chunks = _prefill_chunks(lengths)
+        assert sorted(i for c in chunks for i in c) == list(range(n))
+        assert all([lengths[i] for i in c] == sorted(lengths[i] for i in c) for c in chunks)
+        assert all(len(c) == 1 or len(c) * lengths[c[-1]] <= PREFILL_CHUNK_TOKENS for c in chunks)
+        order = sorted(range(n), key=lengths.__getitem__)
+        best = min(
+            cost(parts, lengths)
+            for cuts in itertools.chain.from_iterable(itertools.combinations(range(1, n), k) for k in range(n))
+            for parts in [[order[a:b] for a, b in zip((0, *cuts), (*cuts, n))]]
+            if all(len(p) == 1 or len(p) * lengths[p[-1]] <= PREFILL_CHUNK_TOKENS for p in parts)
+        )
+        assert cost(chunks, lengths) == best
+
+
+def test_prefill_in_many_chunks_equals_hf_forward(monkeypatch):
+    """With chunks free (cost 0) every prompt gets its own prefill chunk: the log-probs still equal one HF forward
+    over the finished sequences."""
+    from alignkit.rollout import _prefill_chunks
+
+    monkeypatch.setattr(rollout_module, "PREFILL_CHUNK_COST", 0)
+    prompts = chat_like_prompts()
+    assert len(_prefill_chunks([len(p) for p in prompts])) == len(prompts)
+    model = tiny_llama()
+    rollout = sample(model, prompts, SamplingConfig(max_new_tokens=8, **FP32), eos_token_id=1, pad_token_id=PAD,
+                     generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(rollout.logprobs, forward_logprobs(model, rollout), atol=1e-4, rtol=0)
