@@ -366,3 +366,17 @@ def test_prefill_in_many_chunks_equals_hf_forward(monkeypatch):
     rollout = sample(model, prompts, SamplingConfig(max_new_tokens=8, **FP32), eos_token_id=1, pad_token_id=PAD,
                      generator=torch.Generator().manual_seed(4))
     torch.testing.assert_close(rollout.logprobs, forward_logprobs(model, rollout), atol=1e-4, rtol=0)
+
+
+def test_an_enclosing_autocast_does_not_change_the_samples():
+    """The sampler's precision is SamplingConfig.dtype: inside a caller's bf16 autocast, fp32 sampling gives the
+    same tokens and log-probs as outside it (and the packed weights, which autocast cannot cast, still work)."""
+    model = tiny_llama()
+    config = SamplingConfig(max_new_tokens=8, **FP32)
+    outside = sample(model, chat_like_prompts(), config, eos_token_id=1, pad_token_id=PAD,
+                     generator=torch.Generator().manual_seed(6))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = sample(model, chat_like_prompts(), config, eos_token_id=1, pad_token_id=PAD,
+                        generator=torch.Generator().manual_seed(6))
+    assert responses(inside) == responses(outside)
+    torch.testing.assert_close(inside.logprobs, outside.logprobs, atol=0, rtol=0)
