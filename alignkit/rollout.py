@@ -412,7 +412,7 @@ def _projections(modules: list[torch.nn.Module], dtype: torch.dtype) -> list[tup
     pack = _packs(dtype, pairs[0][0].device)
     if all(w.dtype == dtype for w, _ in pairs) and not pack:
         return pairs
-    weight = torch.cat([w.to(dtype) for w, _ in pairs], dim=0)
+    weight = pairs[0][0].to(dtype) if len(pairs) == 1 else torch.cat([w.to(dtype) for w, _ in pairs], dim=0)
     bias = None
     if any(b is not None for _, b in pairs):
         bias = torch.cat([(b if b is not None else w.new_zeros(w.shape[0])).to(dtype) for w, b in pairs])
