@@ -25,7 +25,6 @@ matmuls (AVX512-BF16/AMX; oneDNN reports it); elsewhere it is several times slow
 from __future__ import annotations
 
 import inspect
-import os
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, fields
@@ -34,14 +33,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from alignkit import packing
+
 # Rows of the prefill are processed in chunks of about this many tokens: big enough for efficient matmuls,
 # small enough to keep the (rows, length, intermediate) MLP activations in cache-friendly sizes.
 PREFILL_CHUNK_TOKENS = 2048
 PREFILL_CHUNK_COST = 32  # what one more prefill chunk costs, in token positions (see _prefill_chunks)
 LM_HEAD_SLICE = 2048  # vocabulary rows per LM-head matmul (see _LlamaDecoder._logits)
-PACK_WEIGHTS = os.environ.get("ALIGNKIT_PACKED_WEIGHTS", "1") != "0"  # see _packs
-PACK_ROWS = 64  # the row count oneDNN is told to pack for; 8-row products ran as fast as with a hint of 8
-_PACKABLE: dict[torch.dtype, bool] = {}
 _FAST_MODEL_TYPES = ("llama", "mistral", "qwen2")
 _DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 
@@ -131,14 +129,19 @@ def next_token(
 ) -> tuple[Tensor, Tensor]:
     """Pick one token per row from (B, V) fp32 logits (changed in place). Returns tokens, log-probs: (B,)."""
     logits = filter_logits(logits, config.temperature, config.top_k, config.top_p)
-    logz = torch.logsumexp(logits, dim=-1)  # (B,)
+    # log Z = m + log Σ exp(x − m), m the row max, with the exponentials kept for the CDF below: one pass over
+    # the logits fewer than torch.logsumexp and a separate exp (64 x 49k on 2 AVX2 cores: 4.5 ms for logsumexp
+    # alone, whose internal subtraction is slow, against 0.2 ms for the max)
+    top = logits.amax(dim=-1, keepdim=True)  # (B, 1)
+    exp = logits.sub(top).exp_()  # (B, V) unnormalised probabilities
+    logz = (top + exp.sum(dim=-1, keepdim=True).log_()).squeeze(1)  # (B,)
     if config.greedy:
         tokens = logits.argmax(dim=-1)
     else:
-        # Inverse-CDF sampling: one uniform per row. torch.multinomial draws an exponential per vocabulary
-        # entry, ~30x slower here at 64 x 49k. Zero-probability tokens own empty intervals of the CDF,
-        # and u in (0, 1] keeps the draw off the empty interval at 0.
-        cdf = logits.sub(logz[:, None]).exp_().cumsum_(dim=-1)  # (B, V)
+        # Inverse-CDF sampling: one uniform per row, scaled by the row's total. torch.multinomial draws an
+        # exponential per vocabulary entry, ~30x slower here at 64 x 49k. Zero-probability tokens own empty
+        # intervals of the CDF, and u in (0, 1] keeps the draw off the empty interval at 0.
+        cdf = exp.cumsum_(dim=-1)  # (B, V)
         u = 1.0 - torch.rand(logits.shape[0], 1, generator=generator, device=logits.device)
         tokens = torch.searchsorted(cdf, u * cdf[:, -1:]).squeeze(1).clamp_(max=logits.shape[-1] - 1)
     return tokens, logits.gather(1, tokens[:, None]).squeeze(1) - logz
@@ -409,51 +412,21 @@ def _projections(modules: list[torch.nn.Module], dtype: torch.dtype) -> list[tup
     matmuls were ~10% faster than the fused one, and fusing would copy ~280 MB of SmolLM2 weights on every call.
     """
     pairs = [_weight(m) for m in modules]
-    pack = _packs(dtype, pairs[0][0].device)
+    pack = packing.packs(dtype, pairs[0][0].device)
     if all(w.dtype == dtype for w, _ in pairs) and not pack:
         return pairs
     weight = pairs[0][0].to(dtype) if len(pairs) == 1 else torch.cat([w.to(dtype) for w, _ in pairs], dim=0)
     bias = None
     if any(b is not None for _, b in pairs):
         bias = torch.cat([(b if b is not None else w.new_zeros(w.shape[0])).to(dtype) for w, b in pairs])
-    return [(torch.ops.mkldnn._reorder_linear_weight(weight, PACK_ROWS) if pack else weight, bias)]
-
-
-def _packs(dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether weights of `dtype` are packed into oneDNN's blocked layout for decoding.
-
-    Decoding multiplies a few rows by every weight matrix, and at those shapes torch's default CPU GEMM reads
-    weights far below memory bandwidth: SmolLM2's 576 -> 1536 projection at 8 rows ran at 4-6 GB/s on a 2-core
-    AVX2 EPYC, 1.4-1.8x slower than the same product on packed weights (1.3-1.4x at 64 rows; the LM head
-    18.7 -> 13.5 ms at 8 rows). Packing copies the weights once per `sample` call (~0.1 s per 100 MB).
-    Needs oneDNN's packed linear for this dtype on this CPU (bf16 wants AVX512-BW or AVX-NE-CONVERT); the
-    first use of each dtype checks by packing a small matrix. ALIGNKIT_PACKED_WEIGHTS=0 turns it off.
-    """
-    if device.type != "cpu" or not PACK_WEIGHTS or not torch.backends.mkldnn.is_available():
-        return False
-    if dtype not in _PACKABLE:
-        try:
-            weight = torch.ones(8, 8, dtype=dtype)
-            packed = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_ROWS)
-            out = torch.ops.mkldnn._linear_pointwise(torch.ones(2, 8, dtype=dtype), packed, None, "none", [], "")
-            _PACKABLE[dtype] = bool((out == 8).all())
-        except (RuntimeError, AttributeError):
-            _PACKABLE[dtype] = False
-    return _PACKABLE[dtype]
-
-
-def _linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """x·Wᵀ + b, for a plain or a packed (`_projections`) weight."""
-    if weight.is_mkldnn:
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-    return F.linear(x, weight, bias)
+    return [(packing.pack(weight) if pack else weight, bias)]
 
 
 def _linears(x: Tensor, projections: list[tuple[Tensor, Tensor | None]], sizes: list[int]) -> list[Tensor]:
     """Outputs of the projections: one matmul split when fused, else one matmul each."""
     if len(projections) == 1 and len(sizes) > 1:
-        return list(_linear(x, *projections[0]).split(sizes, dim=-1))
-    return [_linear(x, w, b) for w, b in projections]
+        return list(packing.linear(x, *projections[0]).split(sizes, dim=-1))
+    return [packing.linear(x, w, b) for w, b in projections]
 
 
 def _prefill_chunks(lengths: list[int]) -> list[list[int]]:
@@ -547,22 +520,22 @@ class _LlamaDecoder:
         o = F.scaled_dot_product_attention(
             q, k_cache[:, :, :col1], v_cache[:, :, :col1], attn_mask=attn_mask, enable_gqa=True
         )
-        x = x + _linear(o.transpose(1, 2).reshape(B, S, H * D), *o_proj)
+        x = x + packing.linear(o.transpose(1, 2).reshape(B, S, H * D), *o_proj)
         gate, up = _linears(self._norm(x, ln2), gate_up, self.mlp_sizes)
-        return x + _linear(F.silu(gate) * up, *down)
+        return x + packing.linear(F.silu(gate) * up, *down)
 
     def _logits(self, x: Tensor) -> Tensor:
         """(B, C) last hidden states -> (B, V) fp32 logits.
 
-        A packed head (`_packs`) is one product. Unpacked, the head runs in vocabulary slices whose output stays
-        in cache, as W_slice · hᵀ (vocabulary-major): at decode batch sizes that orientation of the GEMM was 1.4x
-        faster here than h · W_sliceᵀ (batch 8: 20.6 -> 14.9 ms, batch 64: 54.7 -> 37.3 ms for SmolLM2's 49k x 576
-        head).
+        A packed head (`alignkit.packing`) is one product. Unpacked, the head runs in vocabulary slices whose
+        output stays in cache, as W_slice · hᵀ (vocabulary-major): at decode batch sizes that orientation of the
+        GEMM was 1.4x faster here than h · W_sliceᵀ (batch 8: 20.6 -> 14.9 ms, batch 64: 54.7 -> 37.3 ms for
+        SmolLM2's 49k x 576 head).
         """
         h = self._norm(x, self.norm)
         weight, bias = self.lm_head
         if weight.is_mkldnn:
-            return _linear(h, weight, bias).float()
+            return packing.linear(h, weight, bias).float()
         logits = torch.empty(weight.shape[0], x.shape[0], dtype=torch.float32, device=x.device)  # (V, B)
         for i in range(0, weight.shape[0], LM_HEAD_SLICE):
             j = i + LM_HEAD_SLICE

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import alignkit.logprobs
+from alignkit import packing
 from alignkit.logprobs import HeadLogprobs, _generic_head_logprobs
 
 
@@ -37,6 +38,30 @@ def test_fused_head_matches_autograd(bias, temperature, monkeypatch):
     # by hand for one row: log p(y) = x_y/T − logsumexp(x/T)
     logits = (head(hidden[0]) / temperature).detach()
     assert float(got[0].detach()) == pytest.approx(float(logits[targets[0]] - torch.logsumexp(logits, 0)), abs=1e-5)
+
+
+def test_fp32_head_on_cpu_multiplies_by_a_packed_weight_with_the_plain_result(monkeypatch):
+    """On CPU the fp32 head packs its weight once per call (alignkit.packing) and gives, to rounding, the
+    log-probs and gradients of the plain product; ALIGNKIT_PACKED_WEIGHTS=0 (packing.ENABLED) turns it off."""
+    assert packing.packs(torch.float32, torch.device("cpu"))
+    monkeypatch.setattr(alignkit.logprobs, "CHUNK_TOKENS", 4)
+    torch.manual_seed(3)
+    head = nn.Linear(16, 300, bias=False)
+    targets, grad_out = torch.randint(0, 300, (10,)), torch.randn(10)
+    packed_calls = []
+    real_pack = packing.pack
+    monkeypatch.setattr(packing, "pack", lambda w: packed_calls.append(w.shape) or real_pack(w))
+    results = {}
+    for enabled in (True, False):
+        monkeypatch.setattr(packing, "ENABLED", enabled)
+        hidden = torch.randn(10, 16, generator=torch.Generator().manual_seed(4), requires_grad=True)
+        got, _ = HeadLogprobs.apply(hidden, head.weight, None, targets, 1.0, False, True)
+        (got * grad_out).sum().backward()
+        results[enabled] = (got.detach(), hidden.grad, head.weight.grad.clone())
+        head.zero_grad()
+    assert packed_calls == [torch.Size([300, 16])]  # one pack for the three chunks, none with packing off
+    for a, b in zip(results[True], results[False]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
 def test_no_grad_keeps_nothing_and_agrees():

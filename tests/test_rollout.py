@@ -15,6 +15,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+from alignkit import packing
 from alignkit import rollout as rollout_module
 from alignkit.rollout import (
     Rollout,
@@ -281,11 +282,11 @@ def test_bf16_fast_path_samples_the_bf16_model():
 
 
 def test_packed_weights_are_used_and_sample_as_the_plain_ones(monkeypatch):
-    """On CPU the decoder multiplies by oneDNN-packed fp32 weights (rollout._packs): the same tokens and, to
+    """On CPU the decoder multiplies by oneDNN-packed fp32 weights (alignkit.packing): the same tokens and, to
     rounding, the same log-probs as with the plain weights. (Where the CPU packs bf16 too, the bf16 test above
     runs packed.)"""
     cpu = torch.device("cpu")
-    assert rollout_module._packs(torch.float32, cpu)
+    assert packing.packs(torch.float32, cpu)
     model = tiny_llama()
     decoder = rollout_module._LlamaDecoder(model, torch.float32)
     qkv, o_proj = decoder.layers[0][1], decoder.layers[0][2]
@@ -293,7 +294,7 @@ def test_packed_weights_are_used_and_sample_as_the_plain_ones(monkeypatch):
     config = SamplingConfig(max_new_tokens=12, **FP32)
     out = {}
     for packed in (True, False):
-        monkeypatch.setattr(rollout_module, "PACK_WEIGHTS", packed)
+        monkeypatch.setattr(packing, "ENABLED", packed)
         out[packed] = sample(model, chat_like_prompts(), config, eos_token_id=1, pad_token_id=PAD,
                              generator=torch.Generator().manual_seed(2))
     assert not rollout_module._LlamaDecoder(model, torch.float32).lm_head[0].is_mkldnn  # the switch took
