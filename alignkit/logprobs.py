@@ -153,10 +153,10 @@ class HeadLogprobs(torch.autograd.Function):
     each chunk keeps exp(logits − max) and its sum for the backward, where
         ∂ log p(y)/∂ logits = (onehot(y) − p) / T.
     The logits (n, V) come from a weight packed once per call where the CPU can (``alignkit.packing``): SmolLM2's
-    head forward for 2,019 tokens took 1.02 s packed against 1.34 s with the plain weight in the orientation MKL
-    ran fastest (W·hᵀ), median of 5, 2-core AVX2 EPYC, fp32; forward + backward 2.91 vs 3.25 s
-    (/work/exp/head_nv_ab.py). Policy and reference go through the same product, so a policy equal to its
-    reference still has exactly equal log-probs.
+    head forward for 2,019 tokens took 1.00 s packed against 1.39 s with the plain weight in the orientation MKL
+    ran fastest (W·hᵀ, the logits as (V, n)), forward + backward 3.01 vs 3.33 s; for 700 tokens 0.39 vs 0.55 s and
+    1.05 vs 1.23 s (medians of 5, interleaved, 2-core AVX2 EPYC, fp32). Policy and reference go through the same
+    product, so a policy equal to its reference still has exactly equal log-probs.
     """
 
     @staticmethod
