@@ -169,12 +169,15 @@ class HeadLogprobs(torch.autograd.Function):
         # softmax, its gradient and the weight gradient's sum stay fp32
         ctx.mm_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
         product_dtype = ctx.mm_dtype or weight.dtype
-        head = packing.pack(weight.to(product_dtype)) if packing.packs(product_dtype, hidden.device) else weight
+        head, head_bias = weight, bias
+        if packing.packs(product_dtype, hidden.device):  # a packed product takes no autocast: inputs in its dtype
+            head = packing.pack(weight.to(product_dtype))
+            head_bias = None if bias is None else bias.to(product_dtype)
         exps, sums = [], []
         for start in range(0, n, CHUNK_TOKENS):
             chunk = slice(start, start + CHUNK_TOKENS)
             rows = hidden[chunk] if head is weight else hidden[chunk].to(product_dtype)
-            logits = packing.linear(rows, head, bias).float()  # (n, V)
+            logits = packing.linear(rows, head, head_bias).float()  # (n, V)
             if temperature != 1.0:
                 logits.div_(temperature)
             logits.sub_(logits.amax(1, keepdim=True))

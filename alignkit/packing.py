@@ -5,9 +5,9 @@ it once into the blocked layout its kernels stream, after which a product with i
 users: the sampler's decoder (``alignkit.rollout``), which multiplies a few rows by every weight at each
 decode step, and the LM head of the training log-probs (``alignkit.logprobs.HeadLogprobs``), a
 (tokens x 576) · (576 x 49,152) product for SmolLM2 whose wide output MKL handles worst. Measured on a 2-core
-AVX2 EPYC, fp32: SmolLM2's 576 -> 1536 projection at 8 rows 1.4-1.8x faster packed; the head at 1,024-2,019
-rows 100-126 GFLOP/s plain (either operand order) against 149-151 packed, where a 1,024 square matmul runs at
-122-132 either way. Packing the head costs ~25 ms (one read and one write of its 113 MB).
+AVX2 EPYC, fp32: SmolLM2's 576 -> 1536 projection at 8 rows 1.4-1.8x faster packed; the head at 995-1,024
+rows 73-126 GFLOP/s plain (by operand order and row count) against 149-151 packed, where a 1,024 square matmul
+runs at 122-132 either way. Packing the head costs ~25 ms (one read and one write of its 113 MB).
 
 ``ALIGNKIT_PACKED_WEIGHTS=0`` turns packing off everywhere (plain weights, torch's GEMM).
 """
@@ -20,7 +20,10 @@ import torch
 from torch import Tensor
 
 ENABLED = os.environ.get("ALIGNKIT_PACKED_WEIGHTS", "1") != "0"
-PACK_ROWS = 64  # the row count oneDNN is told to pack for; 8- and 2,048-row products ran as fast as with their own hint
+# The row count oneDNN is told to pack for. 64-row products ran within 3% of their best with any hint from 8 to
+# 2,048, 8-row ones with any from 64 up (12% slower with 8); a 1,024-row head product ran at 150 GFLOP/s with 64
+# but 80 with a hint of 1,024.
+PACK_ROWS = 64
 _PACKABLE: dict[torch.dtype, bool] = {}
 
 
