@@ -205,6 +205,8 @@ class HeadLogprobs(torch.autograd.Function):
         grad_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) \
             if need_bias and ctx.has_bias else None
         mm_dtype = ctx.mm_dtype or torch.float32  # (n, V) x (V, H) and (V, n) x (n, H), accumulated in fp32
+        # converted once, not per chunk (a copy of the whole vocab x hidden weight when the dtypes differ)
+        weight_mm = weight.to(mm_dtype) if grad_hidden is not None else None
         for k, start in enumerate(range(0, hidden.shape[0], CHUNK_TOKENS)):
             chunk = slice(start, start + CHUNK_TOKENS)
             g = grad_out[chunk].float() / ctx.temperature
@@ -212,7 +214,7 @@ class HeadLogprobs(torch.autograd.Function):
             grad_logits.scatter_add_(1, targets[chunk, None], g[:, None])  # + g at the target
             low = grad_logits.to(mm_dtype)
             if grad_hidden is not None:
-                grad_hidden[chunk] = (low @ weight.to(mm_dtype)).to(hidden.dtype)
+                grad_hidden[chunk] = (low @ weight_mm).to(hidden.dtype)
             if need_weight:
                 rows = hidden[chunk].to(mm_dtype)
                 if grad_weight is None:
