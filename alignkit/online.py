@@ -6,6 +6,7 @@ length) beside the reward.
 from __future__ import annotations
 
 import copy
+import time
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -98,6 +99,7 @@ class ScoredRollout:
     prompts: list[PromptExample]  # one per row
     texts: list[str]
     rewards: torch.Tensor  # (B,) fp32
+    reward_seconds: float = 0.0  # wall time of scoring (a reward model's forward, a judge's calls)
 
 
 def rollout_and_score(
@@ -125,8 +127,9 @@ def rollout_and_score(
     texts = tokenizer.batch_decode(rollout.response_ids.masked_fill(rollout.response_mask == 0, tokenizer.pad_token_id),
                                    skip_special_tokens=True)
     # rewards live beside the log-probs they are combined with (the policy's device), whatever the source returns
+    started = time.perf_counter()
     rewards = score(reward, rows, texts, rollout, tokenizer).to(rollout.response_ids.device)
-    return ScoredRollout(rollout, rows, texts, rewards)
+    return ScoredRollout(rollout, rows, texts, rewards, time.perf_counter() - started)
 
 
 def score(reward: RewardSource, rows: list[PromptExample], texts: list[str], rollout: Rollout | None, tokenizer) -> torch.Tensor:
@@ -149,6 +152,12 @@ def distinct_n(texts: list[str], n: int = 2) -> float:
         total += len(grams)
         unique.update(grams)
     return len(unique) / total if total else 0.0
+
+
+def step_times(started: float, sampled: float, scored: ScoredRollout) -> dict[str, float]:
+    """Wall seconds of an online step (``time.time()`` stamps): time/rollout = sampling + scoring, time/reward =
+    its scoring part, time/update = everything since ``sampled`` (the update's own time/reference included)."""
+    return {"time/rollout": sampled - started, "time/reward": scored.reward_seconds, "time/update": time.time() - sampled}
 
 
 def rollout_metrics(scored: ScoredRollout, prefix: str = "") -> dict[str, float]:

@@ -100,6 +100,8 @@ def test_grpo_trainer_learns_the_rewarded_word(peaked_model_dir, prompt_files, t
     last = [r for r in rows if "reward/mean" in r][-1]
     assert {"kl", "entropy", "clipfrac", "response/length", "distinct-2", "reward/std"} <= last.keys()
     assert last["kl"] > 0 and last["response/length"] == 6  # the peaked model never samples EOS
+    # the step's wall time split: the reward's part of the rollout, the reference's part of the update
+    assert 0 < last["time/reward"] < last["time/rollout"] and 0 < last["time/reference"] < last["time/update"]
     assert (out / "final" / "model.safetensors").exists()
 
 

@@ -143,6 +143,8 @@ def test_trainer_raises_reward(tiny_model_dir, tmp_path, monkeypatch):
     for name in ("reward/std", "kl_coef", "entropy", "clipfrac", "approx_kl", "value_loss", "response/length",
                  "response/no_eos", "distinct-2"):
         assert name in train_rows[0]
+    for row in train_rows:  # the step's wall time split (the reference is the LoRA-free initial copy)
+        assert 0 < row["time/reward"] < row["time/rollout"] and 0 < row["time/reference"] < row["time/update"]
     assert (tmp_path / "run" / "final" / "value_head.safetensors").exists()
 
 

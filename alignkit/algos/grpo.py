@@ -65,6 +65,7 @@ from alignkit.online import (
     rollout_and_score,
     rollout_metrics,
     rows,
+    step_times,
     with_policy_logprobs,
 )
 from alignkit.rewards import load_reward
@@ -212,10 +213,12 @@ def grpo_step(engine: Engine, reference: Callable[[Rollout], torch.Tensor] | Non
         raise ValueError(f"{n_rows} rollout rows per process do not split into minibatches of {minibatch} "
                          f"(batch_size {cfg.train.batch_size} x grad_accum {cfg.train.grad_accum})")
     kl_in = cfg.kl_placement()
-    ref_logps = None
+    ref_logps, ref_seconds = None, 0.0
     if reference is not None and cfg.beta > 0:
+        started = time.time()
         with engine.autocast():
             ref_logps = reference(rollout)
+        ref_seconds = time.time() - started
     several_updates = cfg.num_iterations * (n_rows // minibatch) > 1
     old_logps = None
     if several_updates or (kl_in == "reward" and ref_logps is not None):
@@ -256,6 +259,7 @@ def grpo_step(engine: Engine, reference: Callable[[Rollout], torch.Tensor] | Non
         metrics["kl"] = float(losses.masked_sum(old_logps - ref_logps, mask, dim=-1).mean()) \
             if old_logps is not None else kl_seq
     metrics["entropy"] = float(-losses.masked_mean(rollout.logprobs, mask))  # −log π of the sampled tokens
+    metrics["time/reference"] = ref_seconds
     return metrics
 
 
@@ -328,7 +332,7 @@ def train(cfg: GRPOConfig) -> Path:
         sampled = time.time()
         logs = grpo_step(engine, reference, scored.rollout, scored.rewards, cfg, advantage_fn)
         logs.update(rollout_metrics(scored))
-        logs["time/rollout"], logs["time/update"] = sampled - started, time.time() - sampled
+        logs.update(step_times(started, sampled, scored))
         step += 1
         if cfg.train.eval_steps and eval_prompts and step % cfg.train.eval_steps == 0:
             logs.update(evaluate())

@@ -67,6 +67,7 @@ from alignkit.online import (
     reference_logprobs,
     rollout_and_score,
     rollout_metrics,
+    step_times,
     with_policy_logprobs,
 )
 from alignkit.rewards import load_reward
@@ -247,7 +248,9 @@ def ppo_update(engine: Engine, module: nn.Module, ref_fn: Callable[[Rollout], to
     with torch.no_grad(), engine.autocast():
         old = [policy_outputs(module, part, cfg.rollout.temperature, True) for part in chunks(rollout, fwd)]
     old_logps, old_values, entropy = (torch.cat(t) for t in zip(*old, strict=True))
+    started = time.time()
     ref_logps = ref_fn(rollout)
+    ref_seconds = time.time() - started
     rewards, kl_metrics = losses.kl_penalty_rewards(scores, old_logps, ref_logps, mask, kl_coef)
     # whitening statistics are those of the global batch (all processes' rollouts), as in one process
     if cfg.whiten_rewards:
@@ -276,6 +279,7 @@ def ppo_update(engine: Engine, module: nn.Module, ref_fn: Callable[[Rollout], to
         "kl": float(kl_metrics["kl"]), "kl_coef": kl_coef, "non_score_reward": float(kl_metrics["kl_penalty"]),
         "score/mean": float(scores.mean()), "entropy": float(losses.masked_mean(entropy, mask)),
         "values/mean": float(losses.masked_mean(old_values, mask)), "returns/mean": float(losses.masked_mean(returns, mask)),
+        "time/reference": ref_seconds,
     })
     return metrics
 
@@ -372,7 +376,7 @@ def train(cfg: PPOConfig) -> Path:
                        for u in range(updates_per_step)] if ptx else None
         logs = ppo_update(engine, engine.module, ref_fn, scored.rollout, scores, cfg, float(kl_ctl.coef), ptx_batches)
         logs.update(rollout_metrics(scored))
-        logs["time/rollout"], logs["time/update"] = sampled - started, time.time() - sampled
+        logs.update(step_times(started, sampled, scored))
         # 6. adaptive β from this rollout's KL
         if cfg.target_kl > 0:  # every process must take the same β: average the KL over processes
             kl = torch.tensor(logs["kl"], device=engine.device)
