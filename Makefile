@@ -8,7 +8,7 @@ STAMP := $(VENV)/.alignkit-installed
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo -n)
 
-.PHONY: demo test lint browser bench-rollout clean-venv test-vllm bench-vllm
+.PHONY: demo test lint browser clean-venv test-vllm bench-vllm bench-targets
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,11 @@ browser:
 	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
 	  { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium >/dev/null; } || \
 	  echo "could not install chromium: tests/test_report.py's browser test will be skipped"
+
+# the speed targets in one run (~50 min on 2 cores): every SmolLM2 bench alone, one after another, then one table
+# of targets (bench_vllm too where .venv-vllm is built); nothing else should run meanwhile
+bench-targets: $(STAMP)
+	$(BIN)/python bench/targets.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check alignkit tests bench

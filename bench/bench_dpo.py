@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 import torch
-from flops import alternate, machine_rates, model_path, refresh_rates, run_worker
+from flops import alternate, machine_rates, model_path, record, refresh_rates, run_worker
 
 GOOD = ["a warm, funny and beautifully acted film", "a gripping story with a superb cast", "moving, clever and full of heart",
         "the best thing I have seen this year", "a delight from start to finish, with wonderful music"]
@@ -222,6 +222,9 @@ def main() -> None:
             if args.repeat > 1:
                 print(f"fastest of {args.repeat} alternating runs per arm; steps of every round: "
                       + "; ".join(f"{k} " + " ".join(f"{s:.2f}" for s in r["step_s_all"]) for k, r in results.items()))
+            record("dpo", model=name, precision=label, gflops=rates[precision],
+                   bound_step=bound["step"], bound_step_shared=bound["step_shared"], bound_epoch=bound["epoch"],
+                   **{f"{k}_{f}": r[v] for k, r in results.items() for f, v in (("e2e", "total_s"), ("step", "step_s"))})
             losses = {kind: dpo_loss_on(r["out"] / "final", path, data) for kind, r in results.items()}
             print("DPO loss on the pairs after one epoch (start 0.6931): "
                   + ", ".join(f"{k} {v:.4f}" for k, v in losses.items()), flush=True)

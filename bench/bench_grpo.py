@@ -48,6 +48,7 @@ from flops import (
     machine_rates,
     model_path,
     online_step_flops,
+    record,
     refresh_rates,
     run_worker,
 )
@@ -295,6 +296,10 @@ def main() -> None:
                 if args.repeat > 1:
                     print(f"fastest of {args.repeat} alternating runs per arm; steps of every round: " + "; ".join(
                         f"{k} " + " ".join(f"{s:.2f}" for s in r["step_s_all"]) for k, r in results.items()))
+                record("grpo", model=name, precision=label, gflops=rates[precision], **{
+                    f"{k}_{f}": v for k, r in results.items() for f, v in (
+                        ("e2e", r["total_s"]), ("step", r["step_s"]), ("rollout", r["rollout_med"]),
+                        ("update", r["update_med"]), ("bound_step", bounds(r, body, head, rate)["step"]))})
                 print("alignkit GRPO mean reward per step: " + str([round(x, 3) for x in ours["rewards"]]), flush=True)
         print(f"machine load at the end: {os.getloadavg()}")
     finally:

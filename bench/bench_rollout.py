@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 
 import torch
-from flops import distinct_prompt_tokens, linear_params, matmul_gflops, model_path, online_step_flops
+from flops import distinct_prompt_tokens, linear_params, matmul_gflops, model_path, online_step_flops, record
 
 from alignkit.models import load_model
 from alignkit.rollout import SamplingConfig, sample
@@ -176,6 +176,8 @@ def bench_model(name: str, path: str, args, use_bf16: bool, rates: dict[str, flo
                   f"{peak:7.0f}MB {added:5.0f}MB {seconds['HF generate fp32'] / secs:9.2f}x "
                   f"{seconds[best_hf] / secs:9.2f}x   {runs}")
         print(f"  (HF best here: {best_hf})")
+        record("rollout", model=name, workload=workload, tokens=len(prompts) * new_tokens, bound={k: flop / (rates["bf16" if "bf16" in k else "fp32"] * 1e9) for k in seconds},
+               tokens_per_s={k: len(prompts) * new_tokens / v for k, v in seconds.items()})
 
     equal, total = greedy_check(model, tokenizer)
     print(f"\n[{name}] greedy fp32, alignkit vs HF generate: {equal}/{total} sequences identical")

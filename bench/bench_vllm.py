@@ -1,6 +1,6 @@
 """Rollout speed, vLLM against alignkit's sampler, on bench_rollout.py's workloads with SmolLM2-135M.
 
-    .venv-vllm/bin/python bench/bench_vllm.py [--repeats 2] [--dtype float32|bfloat16] [--compile]
+    .venv-vllm/bin/python bench/bench_vllm.py [--repeats 2] [--dtype auto|float32|bfloat16] [--compile]
     (make bench-vllm; vLLM lives in .venv-vllm, see the Makefile)
 
 Both back ends sample at temperature 1, top-p 1, with EOS banned until the cap (alignkit's min_new_tokens, vLLM's
@@ -24,6 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_rollout import WORKLOADS, chat_prompts  # noqa: E402
+from flops import record  # noqa: E402
 
 from alignkit.models import load_model  # noqa: E402
 from alignkit.rollout import SamplingConfig, sample  # noqa: E402
@@ -36,11 +37,18 @@ def peak_rss_gb() -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--dtype", default="float32", help="vLLM's dtype (float32 matches alignkit's fp32 here)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                        help="both samplers' dtype; auto: bfloat16 on a CPU with native bf16, else float32 (what "
+                             "alignkit's sampler picks by default, and the faster of the two for vLLM)")
     parser.add_argument("--compile", action="store_true", help="let vLLM compile (no enforce_eager): slower start")
     parser.add_argument("--workloads", default=",".join(WORKLOADS))
     args = parser.parse_args()
     from alignkit.generation.vllm import VLLMSampler
+    from alignkit.models import bf16_is_fast
+
+    if args.dtype == "auto":
+        args.dtype = "bfloat16" if bf16_is_fast() else "float32"
+    ours = "bf16" if args.dtype == "bfloat16" else "fp32"
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, native bf16 matmul: "
           f"{torch.ops.mkldnn._is_mkldnn_bf16_supported()}")
@@ -50,7 +58,7 @@ def main() -> None:
     for name in args.workloads.split(","):
         n_prompts, n_samples, new_tokens = WORKLOADS[name]
         prompts = [p for p in all_prompts[:n_prompts] for _ in range(n_samples)]
-        jobs.append((name, prompts, SamplingConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, dtype="fp32")))
+        jobs.append((name, prompts, SamplingConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, dtype=ours)))
 
     # builtin first, alone, for its own peak RSS
     sample(model, jobs[0][1][:2], SamplingConfig(max_new_tokens=2), tokenizer=tokenizer)  # warm-up
@@ -70,7 +78,7 @@ def main() -> None:
 
     for name, prompts, config in jobs:
         want = len(prompts) * config.max_new_tokens
-        speeds: dict[str, list[float]] = {"alignkit fp32": [], f"vLLM {args.dtype}": []}
+        speeds: dict[str, list[float]] = {f"alignkit {ours}": [], f"vLLM {args.dtype}": []}
         for repeat in range(args.repeats):
             for label in speeds:
                 generator = torch.Generator().manual_seed(repeat)
@@ -85,11 +93,12 @@ def main() -> None:
         lengths = sorted(map(len, prompts))
         print(f"\n== {name}: batch {len(prompts)} x {config.max_new_tokens} new tokens, prompt lengths "
               f"{lengths[0]}..{lengths[-1]}")
-        base = statistics.median(speeds["alignkit fp32"])
+        base = statistics.median(speeds[f"alignkit {ours}"])
         for label, runs in speeds.items():
             speed = statistics.median(runs)
             print(f"  {label:16s} {speed:7.1f} tokens/s  (x{speed / base:.2f})   runs: "
                   + " ".join(f"{s:.1f}" for s in runs))
+        record("vllm", workload=name, startup_s=startup, tokens_per_s={k: statistics.median(v) for k, v in speeds.items()})
     print(f"\npeak RSS: {builtin_rss:.2f} GB with the builtin sampler alone, {peak_rss_gb():.2f} GB with vLLM "
           f"colocated (its KV cache reservation included)")
     sampler.close()

@@ -140,6 +140,30 @@ def model_path(name: str, root) -> str:
     return str(path)
 
 
+RECORD_ENV = "ALIGNKIT_BENCH_RECORD"
+
+
+def record(bench: str, **values) -> None:
+    """Append ``{"bench": bench, **values}`` as one JSON line to the file ``$ALIGNKIT_BENCH_RECORD`` names, if set:
+    ``bench/targets.py`` runs the benches with it and reads their figures back. Without it, nothing."""
+    path = os.environ.get(RECORD_ENV)
+    if path:
+        from alignkit.models import bf16_is_fast
+
+        machine = {"native_bf16": bf16_is_fast(), "cpu": cpu_name(), "threads": torch.get_num_threads()}
+        with open(path, "a") as f:
+            f.write(json.dumps({"bench": bench, **machine, **values}) + "\n")
+
+
+def cpu_name() -> str:
+    """The CPU's model name from /proc/cpuinfo ("" where there is none)."""
+    try:
+        lines = open("/proc/cpuinfo").read().splitlines()
+    except OSError:
+        return ""
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "")
+
+
 def machine_rates(threads: int = 0) -> dict[str, float]:
     """Precision -> measured matmul GFLOP/s at the runs' thread count ("no" = fp32 always; "bf16" too where the
     CPU has native bf16); prints the one-line machine header every training bench starts with."""
