@@ -146,6 +146,9 @@ def _yaml_key(key: str, leaves: dict, source: str) -> str:
     return name
 
 
+GENERATE_HELP = "sample completions from a model or checkpoint"
+
+
 def _generate(args: argparse.Namespace) -> None:
     from alignkit.generate import generate_cli
 
@@ -153,22 +156,28 @@ def _generate(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="alignkit", description="Align language models with human and AI feedback.")
     commands = parser.add_subparsers(dest="command", required=True)
+    # only the command being run gets its flags, so only its module is imported (`alignkit --help` loads no torch)
+    chosen = next((a for a in argv if not a.startswith("-")), None)
     for name, (module, cls_name, _, help_text) in ALGORITHMS.items():
         sub = commands.add_parser(name, help=help_text, description=help_text)
-        sub.add_argument("--config", help="YAML file of options; flags override it")
-        sub.set_defaults(_algo=name)
-        add_config_flags(sub, getattr(importlib.import_module(module), cls_name))
-    gen = commands.add_parser("generate", help="sample completions from a model or checkpoint")
-    from alignkit.generate import add_generate_flags
+        if name == chosen:
+            sub.add_argument("--config", help="YAML file of options; flags override it")
+            sub.set_defaults(_algo=name)
+            add_config_flags(sub, getattr(importlib.import_module(module), cls_name))
+    gen = commands.add_parser("generate", help=GENERATE_HELP, description=GENERATE_HELP)
+    if chosen == "generate":
+        from alignkit.generate import add_generate_flags
 
-    add_generate_flags(gen)
-    gen.set_defaults(_run=_generate)
+        add_generate_flags(gen)
+        gen.set_defaults(_run=_generate)
     for name, (module, add_flags, entry, help_text) in TOOLS.items():
         sub = commands.add_parser(name, help=help_text, description=help_text)
-        getattr(importlib.import_module(module), add_flags)(sub)
-        sub.set_defaults(_run=getattr(importlib.import_module(module), entry))
+        if name == chosen:
+            getattr(importlib.import_module(module), add_flags)(sub)
+            sub.set_defaults(_run=getattr(importlib.import_module(module), entry))
     args = parser.parse_args(argv)
 
     from alignkit.config import OptionError, validate

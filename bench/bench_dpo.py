@@ -224,7 +224,7 @@ def main() -> None:
                       + "; ".join(f"{k} " + " ".join(f"{s:.2f}" for s in r["step_s_all"]) for k, r in results.items()))
             record("dpo", model=name, precision=label, gflops=rates[precision],
                    bound_step=bound["step"], bound_step_shared=bound["step_shared"], bound_epoch=bound["epoch"],
-                   **{f"{k}_{f}": r[v] for k, r in results.items() for f, v in (("e2e", "total_s"), ("step", "step_s"))})
+                   **{f"{k.replace('-', '_')}_{f}": r[v] for k, r in results.items() for f, v in (("e2e", "total_s"), ("step", "step_s"))})
             losses = {kind: dpo_loss_on(r["out"] / "final", path, data) for kind, r in results.items()}
             print("DPO loss on the pairs after one epoch (start 0.6931): "
                   + ", ".join(f"{k} {v:.4f}" for k, v in losses.items()), flush=True)

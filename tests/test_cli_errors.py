@@ -268,3 +268,18 @@ def test_empty_data_file(capsys, tiny_model_dir, out, tmp_path):
         with pytest.raises(DataError) as e:
             read_examples(str(path), sft_example, tok, None)
         assert str(e.value) == f"{path}: no valid examples (no records)"
+
+
+def test_top_level_help_lists_every_command_without_loading_torch():
+    """`alignkit --help` builds only the command list: no algorithm module (and so no torch) is imported. A
+    command's own --help still shows its flags, and an unknown command is one argparse error naming the choices."""
+    script = ("import sys\nfrom alignkit import cli\ntry:\n    cli.main(sys.argv[1:])\nexcept SystemExit as e:\n"
+              "    print('exit', e.code, 'torch', 'torch' in sys.modules)\n")
+    top = subprocess.run([sys.executable, "-c", script, "--help"], capture_output=True, text=True, timeout=120)
+    assert top.stdout.strip().endswith("exit 0 torch False"), top.stdout + top.stderr
+    for name in [*cli.ALGORITHMS, "generate", *cli.TOOLS]:
+        assert f"    {name} " in top.stdout or f"    {name}\n" in top.stdout, name
+    dpo = subprocess.run([sys.executable, "-c", script, "dpo", "--help"], capture_output=True, text=True, timeout=120)
+    assert "--precompute-ref" in dpo.stdout and dpo.stdout.strip().endswith("exit 0 torch True")
+    wrong = subprocess.run([sys.executable, "-c", script, "dop"], capture_output=True, text=True, timeout=120)
+    assert "invalid choice: 'dop'" in wrong.stderr and wrong.stdout.strip() == "exit 2 torch False"
