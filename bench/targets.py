@@ -97,7 +97,7 @@ def targets(records: list[dict]) -> list[dict]:
         rows.append(_row(target, theirs / ours, goal, theirs / bound if bound else None, higher=True))
 
     def step(target: str, seconds: float, bound: float, goal: float | None) -> None:
-        rows.append(_row(target, seconds / bound, goal, 1.0, higher=False))
+        rows.append(_row(target, seconds / bound, goal, None, higher=False))
 
     dpo = latest.get(("dpo", precision, None))
     if dpo and "trl_e2e" in dpo:
