@@ -48,13 +48,20 @@ def _worker(out_dir: str) -> None:
         "rewards": losses.masked_whiten(returns[part], mask[part], shift_mean=False, all_sum=engine.all_sum),
     }
     torch.save(result, Path(out_dir) / f"rank{engine.rank}.pt")
+    # both results are on disk after the barrier; then leave without the interpreter's teardown, where the gloo
+    # group's destructor once aborted a rank ("terminate called without an active exception") and, when the group
+    # was destroyed first, once hung
+    engine.accelerator.wait_for_everyone()
+    os._exit(0)
 
 
 def test_whitening_over_two_processes_equals_one(tmp_path):
+    from conftest import free_port
+
     from alignkit import losses
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    run = subprocess.run([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", "29531", __file__, str(tmp_path)],
+    run = subprocess.run([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), __file__, str(tmp_path)],
                          env=env, capture_output=True, text=True, timeout=240)
     assert run.returncode == 0, run.stdout + run.stderr
     parts = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
