@@ -27,8 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_rollout import WORKLOADS, chat_prompts  # noqa: E402
 from flops import record  # noqa: E402
 
-from alignkit.models import load_model  # noqa: E402
-from alignkit.rollout import _DTYPES, SamplingConfig, _decoder, sample  # noqa: E402
+from alignkit.models import DTYPES, load_model  # noqa: E402
+from alignkit.rollout import SamplingConfig, _decoder, sample  # noqa: E402
 
 
 def peak_rss_gb() -> float:
@@ -66,7 +66,7 @@ def main() -> None:
     # repacks in every call, which costs the pack time below once per call.
     model.requires_grad_(False)
     start = time.perf_counter()
-    _decoder(model, _DTYPES[ours])
+    _decoder(model, DTYPES[ours])
     pack = time.perf_counter() - start
     # builtin first, alone, for its own peak RSS
     sample(model, jobs[0][1][:2], SamplingConfig(max_new_tokens=2, dtype=ours), tokenizer=tokenizer)  # warm-up
