@@ -249,5 +249,8 @@ class LogprobModel(nn.Module):
 
 def can_pack(model) -> bool:
     """Padding-free layouts pass a (R, 1, L, L) boolean block mask: SDPA attention takes it as is (eager adds a
-    mask as a float, flash-attention takes none)."""
-    return getattr(unwrap(model).config, "_attn_implementation", None) == "sdpa"
+    mask as a float, flash-attention takes none). ``model``: the causal LM, or a LogprobModel around it."""
+    inner = unwrap(model)
+    if isinstance(inner, LogprobModel):
+        inner = unwrap(inner.lm)
+    return getattr(inner.config, "_attn_implementation", None) == "sdpa"

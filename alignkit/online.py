@@ -18,9 +18,10 @@ from torch.distributed.tensor import DTensor
 
 from alignkit.config import DataConfig, OptionError, above, arg, at_least, between, world_size
 from alignkit.data import PromptExample, prompt_example, read_examples
+from alignkit.data.collate import pack_prompt_groups, plan_rows
 from alignkit.generation import BUILTIN, make_sampler
-from alignkit.logprobs import LogprobModel
-from alignkit.models import adapter_disabled, load_model
+from alignkit.logprobs import LogprobModel, can_pack
+from alignkit.models import adapter_disabled, load_model, unwrap
 from alignkit.rewards import RewardModelSource, RewardSource, reward_spec_problem
 from alignkit.rollout import Rollout, SamplingConfig, sample
 
@@ -224,10 +225,21 @@ def concat_rollouts(parts: list[Rollout]) -> Rollout:
     )
 
 
-def response_logprobs(module, rollout: Rollout, temperature: float = 1.0) -> torch.Tensor:
+def response_logprobs(module, rollout: Rollout, temperature: float = 1.0, packing: bool = False) -> torch.Tensor:
     """(B, T) log-probs of the response tokens under ``module`` (a LogprobModel, possibly DDP-wrapped),
     logits divided by the sampling temperature; 0 on padding. Prompts are left-padded, so positions are
-    counted from each row's first real token, as during sampling."""
+    counted from each row's first real token, as during sampling.
+
+    Two layouts, equal log-probs (to rounding) and gradients. Padded rows: the rows of one prompt share its forward
+    through a KV cache, and every response is computed to the longest one's length. With ``packing`` on a model
+    with SDPA attention, padding-free rows where ``packed_rollout`` expects them to be cheaper (responses that end
+    well before the cap): prompts and responses without their padding, several per row behind a block mask. The
+    choice depends only on the rows, so the same rows take the same layout in every pass (policy, old policy,
+    reference): a policy equal to its reference still has a KL of exactly 0."""
+    if packing and can_pack(module):
+        batch = packed_rollout(rollout, _lm_config(module))
+        if batch is not None:
+            return _packed_response_logprobs(module, rollout, temperature, batch)
     input_ids, attention_mask = rollout.input_ids, rollout.attention_mask
     start = rollout.prompt_ids.shape[1]
     target = torch.zeros_like(input_ids, dtype=torch.bool)
@@ -235,6 +247,76 @@ def response_logprobs(module, rollout: Rollout, temperature: float = 1.0) -> tor
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     # rows of one prompt (a GRPO group, RAFT's K candidates) share the prompt's forward
     return module(input_ids, target, attention_mask, position_ids, temperature, shared_prefix=start)[:, start:]
+
+
+def rollout_groups(rollout: Rollout) -> list[tuple[list[int], list[list[int]]]]:
+    """(prompt, responses) token lists without padding, one per run of consecutive rows with the same prompt (a
+    GRPO group; every row alone when the rows are shuffled); responses in row order."""
+    groups: list[tuple[list[int], list[list[int]]]] = []
+    lengths = rollout.response_mask.sum(-1).tolist()  # a response is a prefix of its row: right padding only
+    for ids, mask, response, n in zip(rollout.prompt_ids, rollout.prompt_mask, rollout.response_ids, lengths,
+                                      strict=True):
+        prompt = ids[mask.bool()].tolist()
+        if groups and groups[-1][0] == prompt:
+            groups[-1][1].append(response[:n].tolist())
+        else:
+            groups.append((prompt, [response[:n].tolist()]))
+    return groups
+
+
+# Attention over a block-masked packed row costs SDPA every (query, key) pair of the row, each pair ~2x its FLOPs
+# in position-equivalents (SmolLM2-135M, 1 thread: 6.8e-4 positions per pair where the FLOP ratio gives 3.2e-4).
+ATTENTION_EFFICIENCY = 2.1
+PACKED_WIDTHS = (128, 256, 512)
+
+
+def _lm_config(module):
+    inner = unwrap(module)
+    return unwrap(inner.lm).config if isinstance(inner, LogprobModel) else inner.config
+
+
+def packed_rollout(rollout: Rollout, config) -> dict[str, torch.Tensor] | None:
+    """The padding-free layout (``pack_prompt_groups``) of a rollout when it is estimated cheaper than the padded
+    one, else None. Estimated cost = positions + α·(query, key) pairs that attention computes, with α the
+    attention FLOPs of a pair over the projection FLOPs of a position (from ``config``) times
+    ATTENTION_EFFICIENCY. Padded: each distinct prompt once (its square), then every row to the longest response,
+    attending to its prompt and itself. Packed: rows x width, every pair of a row; candidates share each prompt
+    across its responses or give each response its own copy, at PACKED_WIDTHS. Rows nearly all at the cap keep
+    the padded layout (SmolLM2, 16 x 4 responses of <= 32 tokens: padded 2,336 positions, the best packing 2,304
+    with 3x the pairs); responses that end anywhere pack (of <= 128 tokens, mean 61: 8,480 padded positions,
+    5,291 packed)."""
+    heads, width = config.num_attention_heads, config.hidden_size
+    head_dim = getattr(config, "head_dim", None) or width // heads
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    per_position = 2 * (2 * width * heads * head_dim + 2 * width * kv * head_dim + 3 * width * config.intermediate_size)
+    alpha = ATTENTION_EFFICIENCY * 4 * heads * head_dim / per_position
+    groups = rollout_groups(rollout)
+    prompt_width, longest = rollout.prompt_ids.shape[1], int(rollout.response_mask.sum(-1).max())
+    rows = rollout.response_ids.shape[0]
+    best = len(groups) * prompt_width + rows * longest + alpha * (
+        len(groups) * prompt_width**2 + rows * longest * (prompt_width + longest))
+    chosen = None
+    shared = [len(prompt) + sum(map(len, responses)) for prompt, responses in groups]
+    copied = [len(prompt) + len(response) for prompt, responses in groups for response in responses]
+    for share, sizes in ((True, shared), (False, copied)):
+        for packed_width in PACKED_WIDTHS:
+            planned, length = plan_rows(sizes, packed_width)
+            cost = len(planned) * length * (1 + alpha * length)
+            if cost < best:
+                best, chosen = cost, (share, packed_width)
+    return None if chosen is None else pack_prompt_groups(groups, pad_id=0, share_prompt=chosen[0], width=chosen[1])
+
+
+def _packed_response_logprobs(module, rollout: Rollout, temperature: float, batch: dict) -> torch.Tensor:
+    """``response_logprobs`` in a padding-free layout ``batch``, scattered back to the rollout's (B, T)."""
+    device = rollout.response_ids.device
+    batch = {name: t.to(device) for name, t in batch.items()}
+    picked = module(batch["input_ids"], None, batch["attention_mask"], batch["position_ids"], temperature,
+                    at=(batch["target_index"], batch["source_index"]))  # (tokens,)
+    prompt_length = (rollout.prompt_mask.sum(-1)).to(device)  # responses are numbered in row order
+    response = batch["response_index"]
+    column = batch["position_ids"].flatten()[batch["target_index"]] - prompt_length[response]
+    return picked.new_zeros(rollout.response_ids.shape).index_put((response, column), picked)
 
 
 def rows(rollout: Rollout, index: torch.Tensor | slice) -> Rollout:
@@ -247,14 +329,15 @@ def rows(rollout: Rollout, index: torch.Tensor | slice) -> Rollout:
 
 
 @torch.no_grad()
-def batched_logprobs(module, rollout: Rollout, temperature: float, batch_size: int, context=nullcontext) -> torch.Tensor:
+def batched_logprobs(module, rollout: Rollout, temperature: float, batch_size: int, context=nullcontext,
+                     packing: bool = False) -> torch.Tensor:
     """(B, T) response log-probs in no-grad chunks of ``batch_size`` rows (old policy or reference)."""
     out = torch.zeros_like(rollout.logprobs)
     for start in range(0, rollout.response_ids.shape[0], batch_size):
         part = rows(rollout, slice(start, start + batch_size))
         with context():
             out[start : start + part.response_ids.shape[0], : part.response_ids.shape[1]] = \
-                response_logprobs(module, part, temperature).float()
+                response_logprobs(module, part, temperature, packing).float()
     return out
 
 
@@ -267,7 +350,7 @@ def initial_copy(model, lora: bool, path: str = ""):
 
 def reference_logprobs(model, lora: bool, path: str = "", temperature: float = 1.0, batch_size: int = 16,
                        autocast=nullcontext, device: torch.device | None = None, engine=None,
-                       initial=None) -> Callable[[Rollout], torch.Tensor]:
+                       initial=None, packing: bool = False) -> Callable[[Rollout], torch.Tensor]:
     """``fn(rollout) -> (B, T)`` response log-probs under the reference π_ref of every KL term: the model at
     ``path`` when given; else, with LoRA, the policy's own base with the adapter disabled (no copy held); else
     ``initial`` (``initial_copy``), or a frozen copy of the policy's weights as they are now (so call it before
@@ -275,7 +358,8 @@ def reference_logprobs(model, lora: bool, path: str = "", temperature: float = 1
 
     Given the training ``engine``, a separate reference is placed by ``engine.frozen`` (under FSDP sharded like
     the policy: its passes are collectives, made equally often by every process since all have the same number
-    of rollout rows), and the LoRA reference reads the policy inside ``engine.gathered()`` (whole weights)."""
+    of rollout rows), and the LoRA reference reads the policy inside ``engine.gathered()`` (whole weights).
+    ``packing``: the padding-free layout of ``response_logprobs`` (where the reference model allows it)."""
     if path:
         ref_model, context = load_model(path)[0], nullcontext
     elif lora:
@@ -292,7 +376,7 @@ def reference_logprobs(model, lora: bool, path: str = "", temperature: float = 1
 
     def ref_logps(rollout: Rollout) -> torch.Tensor:
         with autocast():
-            return batched_logprobs(module, rollout, temperature, batch_size, context)
+            return batched_logprobs(module, rollout, temperature, batch_size, context, packing)
 
     return ref_logps
 
@@ -304,16 +388,17 @@ def _both(first, second):
 
 
 def with_policy_logprobs(model, reference: Callable[[Rollout], torch.Tensor], temperature: float = 1.0,
-                         batch_size: int = 16, autocast=nullcontext):
+                         batch_size: int = 16, autocast=nullcontext, packing: bool = False):
     """``fn(rollout) -> (policy, reference)`` response log-probs (B, T) each, for KL estimates; ``reference`` is
     a ``reference_logprobs`` function. Both sides go through the same training forward, in the same chunks and
     precision, never the sampler's log-probs (another kernel, perhaps another precision: in bf16 they differ by
-    ~1e-3 per token), so a policy equal to its reference has a KL of exactly 0. Under FSDP call it inside
-    ``engine.gathered()``, as ``evaluate_policy`` and the sampler are."""
+    ~1e-3 per token), so a policy equal to its reference has a KL of exactly 0 (``packing`` as given to
+    ``reference_logprobs``: the same layout on both sides). Under FSDP call it inside ``engine.gathered()``, as
+    ``evaluate_policy`` and the sampler are."""
     policy = LogprobModel(model)
 
     def logps(rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
         with autocast():
-            return batched_logprobs(policy, rollout, temperature, batch_size), reference(rollout)
+            return batched_logprobs(policy, rollout, temperature, batch_size, packing=packing), reference(rollout)
 
     return logps

@@ -114,7 +114,7 @@ def _tiny_engine(model_dir: Path, out: Path, beta: float):
     engine = Engine(cfg.train, model, None, 10, train_module=LogprobModel(model))
     rollout = sample(model, [[1, 2, 3]] * 4 + [[4, 5]] * 4, SamplingConfig(max_new_tokens=4),
                      generator=torch.Generator().manual_seed(0))
-    return cfg, model, engine, lambda r: batched_logprobs(ref, r, 1.0, 8), rollout
+    return cfg, model, engine, lambda r: batched_logprobs(ref, r, 1.0, 8, packing=cfg.packing), rollout
 
 
 def test_equal_reward_groups_give_zero_gradient(tiny_model_dir, tmp_path):

@@ -195,3 +195,117 @@ def test_sft_padding_free_loss_and_gradients_equal_the_padded_batch():
     torch.testing.assert_close(free[0], padded[0], atol=1e-4, rtol=1e-6)
     for name, grad in padded[1].items():
         torch.testing.assert_close(free[1][name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def _rollout(seed: int):
+    """Three prompts (two tokens to seven), groups of 3, 1 and 2 responses of 1 to 9 tokens, prompts left-padded
+    and responses right-padded as the sampler returns them."""
+    from alignkit.rollout import Rollout
+
+    g = torch.Generator().manual_seed(seed)
+
+    def ids(n):
+        return torch.randint(5, 1000, (n,), generator=g).tolist()
+
+    prompts = [ids(7), ids(2), ids(4)]
+    rows = [(prompts[0], ids(9)), (prompts[0], ids(1)), (prompts[0], ids(5)), (prompts[1], ids(3)),
+            (prompts[2], ids(8)), (prompts[2], ids(2))]
+    width, longest = max(len(p) for p, _ in rows), max(len(r) for _, r in rows)
+    prompt_ids, prompt_mask = torch.zeros(len(rows), width, dtype=torch.long), torch.zeros(len(rows), width, dtype=torch.long)
+    response_ids, response_mask = torch.zeros(len(rows), longest, dtype=torch.long), torch.zeros(len(rows), longest, dtype=torch.long)
+    for i, (p, r) in enumerate(rows):
+        prompt_ids[i, width - len(p):], prompt_mask[i, width - len(p):] = torch.tensor(p), 1
+        response_ids[i, : len(r)], response_mask[i, : len(r)] = torch.tensor(r), 1
+    return Rollout(prompt_ids, prompt_mask, response_ids, response_mask, torch.zeros(len(rows), longest),
+                   torch.zeros(len(rows), dtype=torch.bool))
+
+
+@pytest.mark.parametrize("width", [256, 8])  # one row; many rows
+def test_rollout_packed_logprobs_and_gradients_equal_the_padded_forward(width, monkeypatch):
+    """GRPO's log-prob passes (``online.response_logprobs``): the padding-free layout gives the padded layout's
+    per-token log-probs (0 on padding) and gradients, at a sampling temperature; the groups are found from the
+    rows, and shuffled rows (no two neighbours sharing a prompt) work too."""
+    from alignkit.online import packed_rollout, response_logprobs, rollout_groups, rows
+
+    model, _ = tiny_causal_lm(num_layers=2, hidden_size=64)
+    rollout = _rollout(seed=width)
+    assert [(len(p), [len(r) for r in rs]) for p, rs in rollout_groups(rollout)] == [(7, [9, 1, 5]), (2, [3]), (4, [8, 2])]
+    assert packed_rollout(rollout, model.config) is not None  # short responses beside long ones: packing is cheaper
+    weights = torch.randn(rollout.response_ids.shape)
+    monkeypatch.setattr("alignkit.data.collate.PACK_WIDTH", width)
+
+    def run(part, packing):
+        model.zero_grad()
+        logps = response_logprobs(LogprobModel(model), part, temperature=0.7, packing=packing)
+        (logps * weights[: logps.shape[0], : logps.shape[1]]).sum().backward()
+        return logps.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    for part in (rollout, rows(rollout, torch.tensor([4, 0, 3, 1]))):
+        assert packed_rollout(part, model.config) is not None
+        padded, packed = run(part, False), run(part, True)
+        assert packed[0].shape == part.response_ids.shape
+        assert (packed[0][part.response_mask == 0] == 0).all() and (packed[0][part.response_mask == 1] < 0).all()
+        torch.testing.assert_close(packed[0], padded[0], atol=1e-5, rtol=0)
+        assert padded[1] and packed[1].keys() == padded[1].keys()
+        for name, grad in padded[1].items():
+            torch.testing.assert_close(packed[1][name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_grpo_steps_with_and_without_packing_agree(tiny_model_dir, tmp_path):
+    """Two GRPO updates (two minibatches per rollout, so the old log-probs are recomputed; reference pass; KL in
+    the loss) on a rollout whose responses end at different lengths: --packing and --no-packing log the same
+    losses, KLs and gradient norms and leave the same weights; before the first update the KL is exactly 0."""
+    from alignkit.algos.grpo import GRPOConfig, grpo_step, make_advantage_fn
+    from alignkit.engine import Engine
+    from alignkit.models import load_model
+    from alignkit.online import batched_logprobs, packed_rollout
+
+    rollout = _rollout(seed=1)
+    scores = torch.tensor([1.0, 0.0, 0.5, 2.0, -1.0, 1.0])
+    config = load_model(str(tiny_model_dir))[0].config
+    assert packed_rollout(rollout, config) is not None and packed_rollout(rollout.to("cpu"), config) is not None
+
+    def run(packing: bool):
+        model, _ = load_model(str(tiny_model_dir))
+        cfg = GRPOConfig(train=TrainConfig(output_dir=str(tmp_path / str(packing)), lr=1e-2, batch_size=3, grad_accum=1,
+                                           report_to="none", progress=False), advantage="reinforce++", kl_in="loss",
+                         packing=packing)
+        engine = Engine(cfg.train, model, None, 10, train_module=LogprobModel(model))
+        ref = LogprobModel(load_model(str(tiny_model_dir))[0])
+        logs = [grpo_step(engine, lambda r: batched_logprobs(ref, r, 1.0, 3, packing=packing), rollout, scores, cfg,
+                          make_advantage_fn(cfg)) for _ in range(2)]
+        return logs, {k: v.clone() for k, v in model.state_dict().items()}
+
+    (packed, packed_weights), (padded, padded_weights) = run(True), run(False)
+    assert packed[0]["kl"] == 0.0 and padded[0]["kl"] == 0.0 and padded[1]["kl"] != 0.0
+    for a, b in zip(packed, padded, strict=True):
+        assert a.keys() == b.keys()
+        for k in ("loss", "kl", "kl_k3", "grad_norm", "ratio", "clipfrac"):
+            assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), (k, a, b)
+    initial = load_model(str(tiny_model_dir))[0].state_dict()
+    for k, v in padded_weights.items():  # the same updates, up to Adam's rescaling of rounding-level gradients
+        moved, apart = (v - initial[k]).norm(), (packed_weights[k] - v).norm()
+        assert moved > 0 and apart <= 1e-3 * moved, k
+
+
+def test_rollout_layout_is_chosen_by_its_estimated_cost():
+    """SmolLM2's shapes: 16 prompts x 4 responses that all reach a 32-token cap stay padded (the padded layout has
+    no padding to remove, and packing would triple the attention pairs); responses of 1..128 tokens pack."""
+    from transformers import LlamaConfig
+
+    from alignkit.online import packed_rollout
+    from alignkit.rollout import Rollout
+
+    config = LlamaConfig(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3)
+    g = torch.Generator().manual_seed(0)
+
+    def rollout(lengths: list[int]) -> Rollout:
+        prompts = torch.randint(5, 1000, (16, 14), generator=g).repeat_interleave(4, 0)
+        width = max(lengths)
+        mask = (torch.arange(width) < torch.tensor(lengths)[:, None]).long()
+        return Rollout(prompts, torch.ones_like(prompts), torch.randint(5, 1000, (64, width), generator=g) * mask,
+                       mask, torch.zeros(64, width), torch.zeros(64, dtype=torch.bool))
+
+    assert packed_rollout(rollout([32] * 64), config) is None
+    spread = packed_rollout(rollout(torch.randint(1, 129, (64,), generator=g).tolist()), config)
+    assert spread is not None and spread["input_ids"].numel() < 64 * 128

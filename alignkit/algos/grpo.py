@@ -22,7 +22,9 @@ Where the KL to the reference goes (``--kl-in``, default ``auto``):
 Costs kept low: the reference is the base model with the LoRA adapter off (no copy), a frozen copy with full
 fine-tuning, or nothing at all when β = 0; with one optimizer step per rollout (``num_iterations`` 1, one
 minibatch) the "old" log-probs equal the current ones, so that extra forward pass is skipped (ρ = 1 in value,
-and the gradient is the same); otherwise they are recomputed with the training forward before any update.
+and the gradient is the same); otherwise they are recomputed with the training forward before any update. Every
+log-prob pass over a rollout takes padded or padding-free rows, whichever ``online.packed_rollout`` estimates
+cheaper for those rows (``--packing``): responses that end well before the cap cost no padding.
 """
 
 from __future__ import annotations
@@ -94,6 +96,8 @@ class GRPOConfig:
                         choices=AGGREGATIONS)
     reference: str = arg("", "reference model; empty: the initial policy", check=model_location)
     generator: str = generator_arg(online=True)
+    packing: bool = arg(True, "padding-free log-prob passes (SDPA attention) for rollouts where they are estimated "
+                              "cheaper (many responses ending well before the cap); --no-packing: padded rows always")
 
     def check(self) -> None:
         if self.advantage in ("grpo", "rloo") and self.rollout.group_size < 2:
@@ -179,7 +183,7 @@ def policy_loss(module, batch: Batch, cfg: GRPOConfig) -> tuple[torch.Tensor, di
     """Summed clipped surrogate (+ β·k3 when the KL is in the loss) of a micro-batch; the engine divides by
     ``count_items`` over the minibatch, which gives token-mean, seq-mean or seq-sum aggregation."""
     mask = batch.rollout.response_mask
-    logps = response_logprobs(module, batch.rollout, cfg.rollout.temperature)  # (B, T)
+    logps = response_logprobs(module, batch.rollout, cfg.rollout.temperature, cfg.packing)  # (B, T)
     old = batch.old_logps if batch.old_logps is not None else logps.detach()
     if batch.ref_logps is not None:
         per_token, metrics = losses.grpo_policy_loss(logps, old, batch.ref_logps, batch.advantages, mask,
@@ -223,7 +227,8 @@ def grpo_step(engine: Engine, reference: Callable[[Rollout], torch.Tensor] | Non
     old_logps = None
     if several_updates or (kl_in == "reward" and ref_logps is not None):
         with engine.autocast():
-            old_logps = batched_logprobs(engine.module, rollout, cfg.rollout.temperature, cfg.train.batch_size)
+            old_logps = batched_logprobs(engine.module, rollout, cfg.rollout.temperature, cfg.train.batch_size,
+                                         packing=cfg.packing)
     token_kl = torch.zeros_like(rollout.logprobs)
     if kl_in == "reward" and ref_logps is not None:
         token_kl = torch.where(mask.bool(), old_logps - ref_logps, token_kl)
@@ -299,13 +304,14 @@ def train(cfg: GRPOConfig) -> Path:
     # before any update or resume, so the reference is the initial policy; none at all when β = 0
     reference = None if cfg.beta == 0 else reference_logprobs(
         model, cfg.model.lora, cfg.reference, cfg.rollout.temperature, cfg.train.batch_size, device=engine.device,
-        engine=engine, initial=initial)
+        engine=engine, initial=initial, packing=cfg.packing)
     sampling = cfg.rollout.sampling()
     sampler = online_sampler(cfg.generator, model, tokenizer, cfg.data.max_length + cfg.rollout.max_new_tokens,
                              cfg.train.seed)
 
     ref_pair = None if reference is None else \
-        with_policy_logprobs(model, reference, cfg.rollout.temperature, cfg.train.batch_size, engine.autocast)
+        with_policy_logprobs(model, reference, cfg.rollout.temperature, cfg.train.batch_size, engine.autocast,
+                             cfg.packing)
 
     def evaluate() -> dict[str, float]:
         with engine.gathered():  # under FSDP: the policy's whole weights for sampling and its KL pass

@@ -91,6 +91,18 @@ def pad_prompt_completions(
     return input_ids, attention_mask, target_mask
 
 
+def plan_rows(sizes: list[int], width: int) -> tuple[list[list[int]], int]:
+    """Units of ``sizes`` tokens into ceil(total / width) rows (at least one unit each), the largest first onto
+    the least-filled row, so rows end up nearly equal; returns each row's units and the longest row's length."""
+    fill = [0] * max(1, min(len(sizes), -(-sum(sizes) // width)))
+    rows: list[list[int]] = [[] for _ in fill]
+    for g in sorted(range(len(sizes)), key=lambda g: -sizes[g]):
+        slot = min(range(len(fill)), key=fill.__getitem__)
+        rows[slot].append(g)
+        fill[slot] += sizes[g]
+    return rows, max(fill)
+
+
 def pack_prompt_groups(
     groups: list[tuple[list[int], list[list[int]]]], pad_id: int, share_prompt: bool = True, width: int | None = None
 ) -> dict[str, torch.Tensor]:
@@ -108,18 +120,10 @@ def pack_prompt_groups(
     (T,): ``target_index`` (its flat position), ``source_index`` (the flat position whose hidden state predicts it:
     the previous token, or the prompt's last token for a response's first token) and ``response_index``; and
     ``lengths`` (N,): each response's length (as the padded layout's target mask counts it)."""
-    width = width or PACK_WIDTH
     if not share_prompt:  # one group per (prompt, response), numbered in the same order
         groups = [(prompt, [response]) for prompt, responses in groups for response in responses]
     sizes = [len(prompt) + sum(map(len, responses)) for prompt, responses in groups]
-    # ceil(total / width) rows; largest group first onto the least-filled row, so rows end up nearly equal
-    fill = [0] * max(1, min(len(groups), -(-sum(sizes) // width)))  # every row gets a group
-    rows: list[list[int]] = [[] for _ in fill]
-    for g in sorted(range(len(groups)), key=lambda g: -sizes[g]):
-        slot = min(range(len(fill)), key=fill.__getitem__)
-        rows[slot].append(g)
-        fill[slot] += sizes[g]
-    length = max(fill)
+    rows, length = plan_rows(sizes, width or PACK_WIDTH)
     input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
     position_ids = torch.zeros((len(rows), length), dtype=torch.long)
     unit = torch.full((len(rows), length), -1, dtype=torch.long)  # group of each position; -1: padding
