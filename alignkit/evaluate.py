@@ -109,8 +109,9 @@ def policy_and_reference(model, reference: str, temperature: float, batch_size: 
     lora = hasattr(model, "disable_adapter")
     if not reference and not lora:
         return None
-    return with_policy_logprobs(model, reference_logprobs(model, lora, reference, temperature, batch_size), temperature,
-                                batch_size)
+    # padding-free rows where they are cheaper (online.packed_rollout), the same layout on both sides
+    return with_policy_logprobs(model, reference_logprobs(model, lora, reference, temperature, batch_size, packing=True),
+                                temperature, batch_size, packing=True)
 
 
 @checked

@@ -58,11 +58,19 @@ def token_logprobs(
                            "engine.no_grad_module(...) or run it inside engine.gathered()")
     hidden = backbone_hidden(backbone, input_ids, attention_mask, position_ids, shared_prefix)
     if at is not None:
-        target_index, source_index = at
-        picked, _ = _head_logprobs(hidden.flatten(0, 1)[source_index], head, input_ids.flatten()[target_index],
-                                   temperature, False)
-        return picked
+        picked, entropy = logprobs_at(hidden, head, input_ids, at, temperature, with_entropy)
+        return (picked, entropy) if with_entropy else picked
     return logprobs_from_hidden(hidden, head, input_ids, target_mask, temperature, with_entropy)
+
+
+def logprobs_at(hidden, head, input_ids, at: tuple[torch.Tensor, torch.Tensor], temperature: float = 1.0,
+                with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(T,) log-probs (and entropies, zeros unless asked for) of the tokens at flat positions ``at[0]`` predicted
+    by the hidden states (B, L, H) at flat positions ``at[1]``: the padding-free layouts (see ``token_logprobs``)."""
+    target_index, source_index = at
+    picked, entropy = _head_logprobs(hidden.flatten(0, 1)[source_index], head, input_ids.flatten()[target_index],
+                                     temperature, with_entropy)
+    return picked, entropy.detach()
 
 
 def backbone_hidden(backbone, input_ids, attention_mask=None, position_ids=None, shared_prefix: int = 0):
@@ -253,4 +261,4 @@ def can_pack(model) -> bool:
     inner = unwrap(model)
     if isinstance(inner, LogprobModel):
         inner = unwrap(inner.lm)
-    return getattr(inner.config, "_attn_implementation", None) == "sdpa"
+    return getattr(getattr(inner, "config", None), "_attn_implementation", None) == "sdpa"

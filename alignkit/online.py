@@ -291,7 +291,8 @@ def packed_rollout(rollout: Rollout, config) -> dict[str, torch.Tensor] | None:
     per_position = 2 * (2 * width * heads * head_dim + 2 * width * kv * head_dim + 3 * width * config.intermediate_size)
     alpha = ATTENTION_EFFICIENCY * 4 * heads * head_dim / per_position
     groups = rollout_groups(rollout)
-    prompt_width, longest = rollout.prompt_ids.shape[1], int(rollout.response_mask.sum(-1).max())
+    # from the masks, not the tensors' widths: trimmed and untrimmed copies of the same rows choose alike
+    prompt_width, longest = int(rollout.prompt_mask.sum(-1).max()), int(rollout.response_mask.sum(-1).max())
     rows = rollout.response_ids.shape[0]
     best = len(groups) * prompt_width + rows * longest + alpha * (
         len(groups) * prompt_width**2 + rows * longest * (prompt_width + longest))
@@ -313,10 +314,16 @@ def _packed_response_logprobs(module, rollout: Rollout, temperature: float, batc
     batch = {name: t.to(device) for name, t in batch.items()}
     picked = module(batch["input_ids"], None, batch["attention_mask"], batch["position_ids"], temperature,
                     at=(batch["target_index"], batch["source_index"]))  # (tokens,)
-    prompt_length = (rollout.prompt_mask.sum(-1)).to(device)  # responses are numbered in row order
+    return unpack_responses(picked, rollout, batch)
+
+
+def unpack_responses(values: torch.Tensor, rollout: Rollout, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(tokens,) per-response-token values of a ``packed_rollout`` layout -> (B, T) in the rollout's rows, 0 on
+    padding (differentiable)."""
+    prompt_length = rollout.prompt_mask.sum(-1).to(values.device)  # responses are numbered in row order
     response = batch["response_index"]
     column = batch["position_ids"].flatten()[batch["target_index"]] - prompt_length[response]
-    return picked.new_zeros(rollout.response_ids.shape).index_put((response, column), picked)
+    return values.new_zeros(rollout.response_ids.shape).index_put((response, column), values)
 
 
 def rows(rollout: Rollout, index: torch.Tensor | slice) -> Rollout:

@@ -87,7 +87,7 @@ def test_ppo_bandit_reaches_kl_regularised_optimum(tmp_path):
     module = ppo.PolicyValueModel(model, head).eval()
     engine = Engine(cfg.train, model, None, steps * cfg.ppo_epochs, train_module=module,
                     extra_modules={"value_head": head})
-    ref_fn = reference_logprobs(model, False, "", 1.0, batch, engine.autocast)
+    ref_fn = reference_logprobs(model, False, "", 1.0, batch, engine.autocast, packing=cfg.packing)
     generator = torch.Generator().manual_seed(0)
     for _ in range(steps):
         rollout = sample(model, [[PROMPT]] * batch, SamplingConfig(max_new_tokens=MAX_NEW), eos_token_id=EOS,

@@ -54,7 +54,7 @@ from alignkit.config import (
 from alignkit.data import IGNORE, pad_sft, read_examples, sft_example
 from alignkit.engine import Engine, TrainConfig, default_threads, distributed_state
 from alignkit.generation import generator_arg
-from alignkit.logprobs import logprobs_from_hidden
+from alignkit.logprobs import can_pack, logprobs_at, logprobs_from_hidden
 from alignkit.models import load_model, unwrap
 from alignkit.online import (
     RolloutConfig,
@@ -62,12 +62,14 @@ from alignkit.online import (
     evaluate_policy,
     initial_copy,
     online_sampler,
+    packed_rollout,
     prompt_batch,
     read_prompts,
     reference_logprobs,
     rollout_and_score,
     rollout_metrics,
     step_times,
+    unpack_responses,
     with_policy_logprobs,
 )
 from alignkit.rewards import load_reward
@@ -101,6 +103,8 @@ class PPOConfig:
     missing_eos_replace: bool = arg(False, "replace such a score by missing_eos_penalty instead (lm-human-preferences)")
     ptx_coef: float = arg(0.0, "γ of PPO-ptx: weight of the SFT loss on ptx_data mixed into every update", check=at_least(0))
     ptx_data: str = arg("", "SFT records (prompt/completion, messages or text) for PPO-ptx", check=data_source)
+    packing: bool = arg(True, "padding-free passes (SDPA attention) for rollouts where they are estimated cheaper "
+                              "(many responses ending well before the cap); --no-packing: padded rows always")
     critic: str = arg("", "reward model dir to initialise a separate critic from; empty: a zero-init head on the policy",
                       check=model_location)
     generator: str = generator_arg(online=True)
@@ -127,17 +131,26 @@ class PolicyValueModel(nn.Module):
         self.value_backbone = value_backbone
 
     def forward(self, input_ids, target_mask, attention_mask=None, position_ids=None, temperature: float = 1.0,
-                with_entropy: bool = False):
+                with_entropy: bool = False, at: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """(B, L) log-probs, values and entropies (None unless ``with_entropy``) at ``target_mask``; with ``at``
+        (a padding-free layout, see ``alignkit.logprobs.token_logprobs``) (T,) each, at those tokens."""
         inner = unwrap(self.lm)  # peft injects LoRA layers in place, so the base modules still use them
         hidden = inner.base_model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
         ).last_hidden_state  # (B, L, H)
-        out = logprobs_from_hidden(hidden, inner.get_output_embeddings(), input_ids, target_mask, temperature, with_entropy)
-        logps, entropy = out if with_entropy else (out, None)
+        if at is not None:
+            logps, entropy = logprobs_at(hidden, inner.get_output_embeddings(), input_ids, at, temperature, with_entropy)
+        else:
+            out = logprobs_from_hidden(hidden, inner.get_output_embeddings(), input_ids, target_mask, temperature,
+                                       with_entropy)
+            logps, entropy = out if with_entropy else (out, None)
         if self.value_backbone is not None:
             hidden = self.value_backbone(
                 input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
             ).last_hidden_state  # (B, L, H_critic)
+        if at is not None:  # V(x, y_<t) from the hidden state that predicts y_t
+            values = self.value_head(hidden.flatten(0, 1)[at[1]].to(self.value_head.weight.dtype)).squeeze(-1).float()
+            return logps, values, entropy if with_entropy else None
         # V(x, y_<t) is read where y_t is predicted, at t − 1, like the log-prob of y_t
         v = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()  # (B, L)
         values = torch.where(target_mask.bool(), F.pad(v[:, :-1], (1, 0)), torch.zeros_like(v))
@@ -186,10 +199,22 @@ def chunks(rollout: Rollout, size: int):
     return [take(rollout, slice(i, i + size)) for i in range(0, n, size)]
 
 
-def policy_outputs(module, rollout: Rollout, temperature: float, with_entropy: bool = False) -> tuple:
+def policy_outputs(module, rollout: Rollout, temperature: float, with_entropy: bool = False,
+                   packing: bool = False) -> tuple:
     """(B, T) response log-probs, values and (with ``with_entropy``, else None) entropies under ``module``
     (a PolicyValueModel); 0 on padding.
-    Prompts are left-padded, so positions count from each row's first real token, as during sampling."""
+    Prompts are left-padded, so positions count from each row's first real token, as during sampling.
+    ``packing``: padding-free rows where ``online.packed_rollout`` estimates them cheaper (SDPA attention in the
+    policy and the critic), chosen from the rows alone, as for the reference's pass."""
+    inner = unwrap(module)
+    critic = inner.value_backbone
+    if packing and can_pack(inner.lm) and (critic is None or can_pack(critic)):
+        batch = packed_rollout(rollout, unwrap(inner.lm).config)
+        if batch is not None:
+            batch = {name: t.to(rollout.response_ids.device) for name, t in batch.items()}
+            outputs = module(batch["input_ids"], None, batch["attention_mask"], batch["position_ids"], temperature,
+                             with_entropy, at=(batch["target_index"], batch["source_index"]))
+            return tuple(None if x is None else unpack_responses(x, rollout, batch) for x in outputs)
     input_ids, attention_mask = rollout.input_ids, rollout.attention_mask
     start = rollout.prompt_ids.shape[1]
     target = torch.zeros_like(input_ids, dtype=torch.bool)
@@ -212,7 +237,7 @@ def final_scores(rewards: torch.Tensor, ended_with_eos: torch.Tensor, penalty: f
 def ppo_loss(module, batch: dict, cfg: PPOConfig) -> tuple[torch.Tensor, dict[str, float]]:
     """Summed (over response tokens) clipped policy loss + vf_coef·clipped value loss, plus PPO-ptx."""
     mask = batch["rollout"].response_mask
-    logps, values, _ = policy_outputs(module, batch["rollout"], cfg.rollout.temperature)
+    logps, values, _ = policy_outputs(module, batch["rollout"], cfg.rollout.temperature, packing=cfg.packing)
     pg, pg_metrics = losses.ppo_policy_loss(logps, batch["old_logps"], batch["advantages"], mask, cfg.clip_ratio)
     vf, vf_metrics = losses.ppo_value_loss(values, batch["old_values"], batch["returns"], mask, cfg.clip_value)
     loss = losses.masked_sum(pg + cfg.vf_coef * vf, mask)
@@ -246,7 +271,7 @@ def ppo_update(engine: Engine, module: nn.Module, ref_fn: Callable[[Rollout], to
                          f"(batch_size {cfg.train.batch_size} x grad_accum {cfg.train.grad_accum})")
     # "old" log-probs and values from the training forward, not the sampler: the ratio starts at exactly 1
     with torch.no_grad(), engine.autocast():
-        old = [policy_outputs(module, part, cfg.rollout.temperature, True) for part in chunks(rollout, fwd)]
+        old = [policy_outputs(module, part, cfg.rollout.temperature, True, cfg.packing) for part in chunks(rollout, fwd)]
     old_logps, old_values, entropy = (torch.cat(t) for t in zip(*old, strict=True))
     started = time.time()
     ref_logps = ref_fn(rollout)
@@ -339,12 +364,13 @@ def train(cfg: PPOConfig) -> Path:
                     extra_modules={**value_modules, "kl_controller": kl_ctl}, run_config={"algo": "ppo", **asdict(cfg)})
     # before any update or resume: the reference is the initial policy
     ref_fn = reference_logprobs(model, cfg.model.lora, "", cfg.rollout.temperature, cfg.train.batch_size, engine.autocast,
-                                engine=engine, initial=initial)
+                                engine=engine, initial=initial, packing=cfg.packing)
     sampling = cfg.rollout.sampling()
     sampler = online_sampler(cfg.generator, model, tokenizer, cfg.data.max_length + cfg.rollout.max_new_tokens,
                              cfg.train.seed)
 
-    ref_pair = with_policy_logprobs(model, ref_fn, cfg.rollout.temperature, cfg.train.batch_size, engine.autocast)
+    ref_pair = with_policy_logprobs(model, ref_fn, cfg.rollout.temperature, cfg.train.batch_size, engine.autocast,
+                                    cfg.packing)
 
     def evaluate() -> dict[str, float]:
         with engine.gathered():  # under FSDP: the policy's whole weights for sampling and its KL pass

@@ -141,8 +141,9 @@ def train(cfg: RAFTConfig) -> Path:
     # π_0 = the initial policy, fixed before resume() can load trained weights; the same precision as the policy's
     # side of every KL (engine.autocast), so the stage-1 KL of an untrained policy is exactly 0
     reference = reference_logprobs(model, cfg.model.lora, "", cfg.rollout.temperature, cfg.train.batch_size,
-                                   engine.autocast, device=engine.device, engine=engine, initial=initial)
-    logps_fn = with_policy_logprobs(model, reference, cfg.rollout.temperature, cfg.train.batch_size, engine.autocast)
+                                   engine.autocast, device=engine.device, engine=engine, initial=initial, packing=True)
+    logps_fn = with_policy_logprobs(model, reference, cfg.rollout.temperature, cfg.train.batch_size, engine.autocast,
+                                    packing=True)  # KL passes: padding-free rows where cheaper, both sides alike
 
     def evaluate() -> dict[str, float]:
         with engine.gathered():  # under FSDP: the policy's whole weights for sampling and its KL pass
