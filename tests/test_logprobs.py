@@ -158,3 +158,28 @@ def test_fused_head_under_bf16_autocast_runs_its_matmuls_in_bf16():
     assert got[0].dtype == torch.float32 and got[1].dtype == hidden.dtype and got[2].dtype == head.weight.dtype
     assert not torch.equal(got[1], exact[1])  # the backward really ran in bf16
     torch.testing.assert_close(got[1], exact[1], atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_packed_linears_give_the_plain_logprobs_and_restore_the_layers(lora):
+    """DPO's reference precompute multiplies by weights packed once (``packing.packed_linears``): the same log-probs
+    as the plain layers (fp32 rounding), every projection of the backbone swapped inside the block (a LoRA model's
+    base layers too), the layers' own forward back afterwards, and autograd untouched outside."""
+    from alignkit.logprobs import token_logprobs
+    from alignkit.models import LoraSettings, add_lora, tiny_causal_lm
+
+    model, _ = tiny_causal_lm(num_layers=2, hidden_size=64)
+    if lora:
+        model = add_lora(model, LoraSettings(r=4, alpha=8))
+    ids = torch.randint(5, 1000, (3, 12), generator=torch.Generator().manual_seed(0))
+    target = torch.ones_like(ids, dtype=torch.bool)
+    with torch.no_grad():
+        plain = token_logprobs(model, ids, target)
+        with packing.packed_linears(model):
+            swapped = [m for m in model.modules() if "forward" in vars(m)]
+            packed = token_logprobs(model, ids, target)
+    torch.testing.assert_close(packed, plain, atol=1e-5, rtol=0)
+    if packing.packs(torch.float32, torch.device("cpu")):
+        assert len(swapped) >= 2 * 7  # q, k, v, o, gate, up, down in each block
+    assert not any("forward" in vars(m) for m in model.modules())
+    token_logprobs(model, ids, target).sum().backward()  # the plain layers again

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from accelerate.utils import send_to_device
 
-from alignkit import losses
+from alignkit import losses, packing
 from alignkit.config import (
     DataConfig,
     ModelConfig,
@@ -176,7 +176,10 @@ def reference_logps(module, examples: list[PreferenceExample], pad_id: int, auto
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].prompt_ids) + len(examples[i].chosen_ids))
     values: dict[int, tuple[float, float]] = {}
     device = device if device is not None else next(module.parameters()).device
-    with adapter_off():
+    with autocast():
+        mixed = torch.is_autocast_enabled(device.type)
+    # fp32 on CPU: the layers multiply by weights packed once for the whole pass (alignkit.packing)
+    with adapter_off(), (nullcontext() if mixed or not examples else packing.packed_linears(module)):
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
             batch = send_to_device(collate_pairs([(examples[i], 0.0, 0.0) for i in idx], pad_id, pack), device)
