@@ -238,6 +238,12 @@ def response_logprobs(module, rollout: Rollout, temperature: float = 1.0, packin
     reference): a policy equal to its reference still has a KL of exactly 0."""
     if packing and can_pack(module):
         batch = packed_rollout(rollout, _lm_config(module))
+        if any(isinstance(p, DTensor) for p in module.parameters()):
+            # FSDP: each forward gathers the weights, so every process must run as many; packed is one forward and
+            # the padded layout may be two (a shared prompt's), hence packed only where every process packs
+            flag = torch.tensor([float(batch is not None)], device=rollout.response_ids.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+            batch = batch if flag.item() > 0 else None
         if batch is not None:
             return _packed_response_logprobs(module, rollout, temperature, batch)
     input_ids, attention_mask = rollout.input_ids, rollout.attention_mask

@@ -19,7 +19,7 @@ of 6.3-6.7 s (1.12-1.19x, three interleaved rounds; packing all its layers 0.19 
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from functools import partial
 
 import torch
@@ -62,12 +62,15 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 
 
 @contextmanager
-def packed_linears(module: nn.Module):
+def packed_linears(module: nn.Module, autocast=nullcontext):
     """Within the block every plain ``nn.Linear`` of ``module`` with an fp32 CPU weight multiplies by a packed copy
-    of it, made on entry (no autograd: for no-grad passes whose weights do not change inside the block, under no
-    autocast: a packed product takes none). Sharded (DTensor) weights and other dtypes keep their own forward."""
+    of it, made on entry (no autograd: for no-grad passes whose weights do not change inside the block). Nothing is
+    packed when the pass runs under ``autocast()`` on the CPU (a packed product takes no autocast: the pass keeps
+    its mixed precision). Sharded (DTensor) weights and other dtypes keep their own forward."""
+    with autocast():
+        mixed = torch.is_autocast_enabled("cpu")
     swapped = []
-    if packs(torch.float32, torch.device("cpu")):
+    if not mixed and packs(torch.float32, torch.device("cpu")):
         for layer in module.modules():
             weight = getattr(layer, "weight", None)
             if type(layer) is nn.Linear and weight.device.type == "cpu" and weight.dtype == torch.float32 \

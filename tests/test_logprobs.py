@@ -162,7 +162,7 @@ def test_fused_head_under_bf16_autocast_runs_its_matmuls_in_bf16():
 
 @pytest.mark.parametrize("lora", [False, True])
 def test_packed_linears_give_the_plain_logprobs_and_restore_the_layers(lora):
-    """DPO's reference precompute multiplies by weights packed once (``packing.packed_linears``): the same log-probs
+    """DPO's and KTO's reference precompute multiply by weights packed once (``packing.packed_linears``): the same log-probs
     as the plain layers (fp32 rounding), every projection of the backbone swapped inside the block (a LoRA model's
     base layers too), the layers' own forward back afterwards, and autograd untouched outside."""
     from alignkit.logprobs import token_logprobs
@@ -183,3 +183,5 @@ def test_packed_linears_give_the_plain_logprobs_and_restore_the_layers(lora):
         assert len(swapped) >= 2 * 7  # q, k, v, o, gate, up, down in each block
     assert not any("forward" in vars(m) for m in model.modules())
     token_logprobs(model, ids, target).sum().backward()  # the plain layers again
+    with packing.packed_linears(model, lambda: torch.autocast("cpu", dtype=torch.bfloat16)):  # a mixed-precision pass
+        assert not any("forward" in vars(m) for m in model.modules())  # keeps autocast's own products

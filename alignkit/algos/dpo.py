@@ -176,10 +176,8 @@ def reference_logps(module, examples: list[PreferenceExample], pad_id: int, auto
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].prompt_ids) + len(examples[i].chosen_ids))
     values: dict[int, tuple[float, float]] = {}
     device = device if device is not None else next(module.parameters()).device
-    with autocast():
-        mixed = torch.is_autocast_enabled(device.type)
     # fp32 on CPU: the layers multiply by weights packed once for the whole pass (alignkit.packing)
-    with adapter_off(), (nullcontext() if mixed or not examples else packing.packed_linears(module)):
+    with adapter_off(), (packing.packed_linears(module, autocast) if examples else nullcontext()):
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
             batch = send_to_device(collate_pairs([(examples[i], 0.0, 0.0) for i in idx], pad_id, pack), device)

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from accelerate.utils import send_to_device
 
-from alignkit import losses
+from alignkit import losses, packing
 from alignkit.config import (
     DataConfig,
     ModelConfig,
@@ -132,7 +132,8 @@ def reference_logps(module, items: list[Item], pad_id: int, autocast, batch_size
     order = sorted(range(len(items)), key=lambda i: len(items[i][0].prompt_ids) + len(items[i][0].completion_ids))
     values: dict[int, tuple[float, float]] = {}
     device = device if device is not None else next(module.parameters()).device
-    with adapter_off():
+    # fp32 on CPU: the layers multiply by weights packed once for the whole pass (alignkit.packing)
+    with adapter_off(), (packing.packed_linears(module, autocast) if items else nullcontext()):
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
             batch = send_to_device(collate_unpaired([items[i] for i in idx], pad_id), device)
