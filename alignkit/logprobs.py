@@ -65,8 +65,9 @@ def token_logprobs(
 
 def logprobs_at(hidden, head, input_ids, at: tuple[torch.Tensor, torch.Tensor], temperature: float = 1.0,
                 with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """(T,) log-probs (and entropies, zeros unless asked for) of the tokens at flat positions ``at[0]`` predicted
-    by the hidden states (B, L, H) at flat positions ``at[1]``: the padding-free layouts (see ``token_logprobs``)."""
+    """(T,) log-probs of the tokens at flat positions ``at[0]`` predicted by the hidden states (B, L, H) at flat
+    positions ``at[1]`` (the padding-free layouts, see ``token_logprobs``), and their entropies when
+    ``with_entropy`` (else not to be read)."""
     target_index, source_index = at
     picked, entropy = _head_logprobs(hidden.flatten(0, 1)[source_index], head, input_ids.flatten()[target_index],
                                      temperature, with_entropy)
