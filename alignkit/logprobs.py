@@ -259,7 +259,10 @@ class LogprobModel(nn.Module):
 def can_pack(model) -> bool:
     """Padding-free layouts pass a (R, 1, L, L) boolean block mask: SDPA attention takes it as is (eager adds a
     mask as a float, flash-attention takes none). ``model``: the causal LM, or a LogprobModel around it."""
+    return getattr(getattr(causal_lm(model), "config", None), "_attn_implementation", None) == "sdpa"
+
+
+def causal_lm(model):
+    """The plain transformers model under DDP / accelerate / peft wrappers and a LogprobModel."""
     inner = unwrap(model)
-    if isinstance(inner, LogprobModel):
-        inner = unwrap(inner.lm)
-    return getattr(getattr(inner, "config", None), "_attn_implementation", None) == "sdpa"
+    return unwrap(inner.lm) if isinstance(inner, LogprobModel) else inner

@@ -20,8 +20,8 @@ from alignkit.config import DataConfig, OptionError, above, arg, at_least, betwe
 from alignkit.data import PromptExample, prompt_example, read_examples
 from alignkit.data.collate import pack_prompt_groups, plan_rows
 from alignkit.generation import BUILTIN, make_sampler
-from alignkit.logprobs import LogprobModel, can_pack
-from alignkit.models import adapter_disabled, load_model, unwrap
+from alignkit.logprobs import LogprobModel, can_pack, causal_lm
+from alignkit.models import adapter_disabled, load_model
 from alignkit.rewards import RewardModelSource, RewardSource, reward_spec_problem
 from alignkit.rollout import Rollout, SamplingConfig, sample
 
@@ -236,16 +236,11 @@ def response_logprobs(module, rollout: Rollout, temperature: float = 1.0, packin
     well before the cap): prompts and responses without their padding, several per row behind a block mask. The
     choice depends only on the rows, so the same rows take the same layout in every pass (policy, old policy,
     reference): a policy equal to its reference still has a KL of exactly 0."""
-    if packing and can_pack(module):
-        batch = packed_rollout(rollout, _lm_config(module))
-        if any(isinstance(p, DTensor) for p in module.parameters()):
-            # FSDP: each forward gathers the weights, so every process must run as many; packed is one forward and
-            # the padded layout may be two (a shared prompt's), hence packed only where every process packs
-            flag = torch.tensor([float(batch is not None)], device=rollout.response_ids.device)
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
-            batch = batch if flag.item() > 0 else None
-        if batch is not None:
-            return _packed_response_logprobs(module, rollout, temperature, batch)
+    batch = packed_layout(module, rollout, packing)
+    if batch is not None:
+        picked = module(batch["input_ids"], None, batch["attention_mask"], batch["position_ids"], temperature,
+                        at=(batch["target_index"], batch["source_index"]))  # (tokens,)
+        return unpack_responses(picked, rollout, batch)
     input_ids, attention_mask = rollout.input_ids, rollout.attention_mask
     start = rollout.prompt_ids.shape[1]
     target = torch.zeros_like(input_ids, dtype=torch.bool)
@@ -274,11 +269,6 @@ def rollout_groups(rollout: Rollout) -> list[tuple[list[int], list[list[int]]]]:
 # in position-equivalents (SmolLM2-135M, 1 thread: 6.8e-4 positions per pair where the FLOP ratio gives 3.2e-4).
 ATTENTION_EFFICIENCY = 2.1
 PACKED_WIDTHS = (128, 256, 512)
-
-
-def _lm_config(module):
-    inner = unwrap(module)
-    return unwrap(inner.lm).config if isinstance(inner, LogprobModel) else inner.config
 
 
 def packed_rollout(rollout: Rollout, config) -> dict[str, torch.Tensor] | None:
@@ -314,13 +304,20 @@ def packed_rollout(rollout: Rollout, config) -> dict[str, torch.Tensor] | None:
     return None if chosen is None else pack_prompt_groups(groups, pad_id=0, share_prompt=chosen[0], width=chosen[1])
 
 
-def _packed_response_logprobs(module, rollout: Rollout, temperature: float, batch: dict) -> torch.Tensor:
-    """``response_logprobs`` in a padding-free layout ``batch``, scattered back to the rollout's (B, T)."""
-    device = rollout.response_ids.device
-    batch = {name: t.to(device) for name, t in batch.items()}
-    picked = module(batch["input_ids"], None, batch["attention_mask"], batch["position_ids"], temperature,
-                    at=(batch["target_index"], batch["source_index"]))  # (tokens,)
-    return unpack_responses(picked, rollout, batch)
+def packed_layout(model, rollout: Rollout, packing: bool) -> dict[str, torch.Tensor] | None:
+    """The padding-free layout that a pass of ``model`` (a causal LM or a module around one) takes for these rows,
+    on their device, or None for the padded rows: when ``packing`` is asked, the model has SDPA attention and
+    ``packed_rollout`` estimates it cheaper. Under FSDP each forward gathers the weights, so every process must
+    run as many: packed is one forward and the padded layout may be two (a shared prompt's), hence packed only
+    where every process packs (one all-reduce)."""
+    if not packing or not can_pack(model):
+        return None
+    batch = packed_rollout(rollout, causal_lm(model).config)
+    if any(isinstance(p, DTensor) for p in model.parameters()):
+        flag = torch.tensor([float(batch is not None)], device=rollout.response_ids.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+        batch = batch if flag.item() > 0 else None
+    return None if batch is None else {name: t.to(rollout.response_ids.device) for name, t in batch.items()}
 
 
 def unpack_responses(values: torch.Tensor, rollout: Rollout, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -62,7 +62,7 @@ from alignkit.online import (
     evaluate_policy,
     initial_copy,
     online_sampler,
-    packed_rollout,
+    packed_layout,
     prompt_batch,
     read_prompts,
     reference_logprobs,
@@ -206,15 +206,12 @@ def policy_outputs(module, rollout: Rollout, temperature: float, with_entropy: b
     Prompts are left-padded, so positions count from each row's first real token, as during sampling.
     ``packing``: padding-free rows where ``online.packed_rollout`` estimates them cheaper (SDPA attention in the
     policy and the critic), chosen from the rows alone, as for the reference's pass."""
-    inner = unwrap(module)
-    critic = inner.value_backbone
-    if packing and can_pack(inner.lm) and (critic is None or can_pack(critic)):
-        batch = packed_rollout(rollout, unwrap(inner.lm).config)
-        if batch is not None:
-            batch = {name: t.to(rollout.response_ids.device) for name, t in batch.items()}
-            outputs = module(batch["input_ids"], None, batch["attention_mask"], batch["position_ids"], temperature,
-                             with_entropy, at=(batch["target_index"], batch["source_index"]))
-            return tuple(None if x is None else unpack_responses(x, rollout, batch) for x in outputs)
+    critic = unwrap(module).value_backbone
+    batch = packed_layout(unwrap(module).lm, rollout, packing and (critic is None or can_pack(critic)))
+    if batch is not None:
+        outputs = module(batch["input_ids"], None, batch["attention_mask"], batch["position_ids"], temperature,
+                         with_entropy, at=(batch["target_index"], batch["source_index"]))
+        return tuple(None if x is None else unpack_responses(x, rollout, batch) for x in outputs)
     input_ids, attention_mask = rollout.input_ids, rollout.attention_mask
     start = rollout.prompt_ids.shape[1]
     target = torch.zeros_like(input_ids, dtype=torch.bool)
