@@ -268,8 +268,8 @@ def test_grpo_steps_with_and_without_packing_agree(tiny_model_dir, tmp_path):
     def run(packing: bool):
         model, _ = load_model(str(tiny_model_dir))
         cfg = GRPOConfig(train=TrainConfig(output_dir=str(tmp_path / str(packing)), lr=1e-2, batch_size=3, grad_accum=1,
-                                           report_to="none", progress=False), advantage="reinforce++", kl_in="loss",
-                         packing=packing)
+                                           mixed_precision="no", report_to="none", progress=False),
+                         advantage="reinforce++", kl_in="loss", packing=packing)
         engine = Engine(cfg.train, model, None, 10, train_module=LogprobModel(model))
         ref = LogprobModel(load_model(str(tiny_model_dir))[0])
         logs = [grpo_step(engine, lambda r: batched_logprobs(ref, r, 1.0, 3, packing=packing), rollout, scores, cfg,
@@ -327,8 +327,8 @@ def test_ppo_updates_with_and_without_packing_agree(tiny_model_dir, tmp_path):
         model, _ = load_model(str(tiny_model_dir))
         assert packed_rollout(rollout, model.config) is not None
         cfg = ppo.PPOConfig(train=TrainConfig(output_dir=str(tmp_path / str(packing)), lr=1e-2, batch_size=3,
-                                              grad_accum=1, report_to="none", progress=False), ppo_epochs=2,
-                            packing=packing)
+                                              grad_accum=1, mixed_precision="no", report_to="none", progress=False),
+                            ppo_epochs=2, packing=packing)
         torch.manual_seed(0)
         head = torch.nn.Linear(model.config.hidden_size, 1)  # not zero: values that differ per token
         module = ppo.PolicyValueModel(model, head).eval()
