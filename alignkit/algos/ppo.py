@@ -55,7 +55,7 @@ from alignkit.data import IGNORE, pad_sft, read_examples, sft_example
 from alignkit.engine import Engine, TrainConfig, default_threads, distributed_state
 from alignkit.generation import generator_arg
 from alignkit.logprobs import can_pack, logprobs_at, logprobs_from_hidden
-from alignkit.models import load_model, unwrap
+from alignkit.models import load_model, scalar_head, unwrap
 from alignkit.online import (
     RolloutConfig,
     check_minibatches,
@@ -149,10 +149,10 @@ class PolicyValueModel(nn.Module):
                 input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
             ).last_hidden_state  # (B, L, H_critic)
         if at is not None:  # V(x, y_<t) from the hidden state that predicts y_t
-            values = self.value_head(hidden.flatten(0, 1)[at[1]].to(self.value_head.weight.dtype)).squeeze(-1).float()
+            values = scalar_head(self.value_head, hidden.flatten(0, 1)[at[1]]).squeeze(-1).float()
             return logps, values, entropy if with_entropy else None
         # V(x, y_<t) is read where y_t is predicted, at t − 1, like the log-prob of y_t
-        v = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()  # (B, L)
+        v = scalar_head(self.value_head, hidden).squeeze(-1).float()  # (B, L)
         values = torch.where(target_mask.bool(), F.pad(v[:, :-1], (1, 0)), torch.zeros_like(v))
         return logps, values, entropy
 

@@ -42,7 +42,7 @@ from alignkit.data.examples import split_implicit_prompt, split_prompt_turns
 from alignkit.data.records import Record
 from alignkit.engine import Engine, TrainConfig, default_threads, distributed_state, total_steps_for
 from alignkit.losses import bradley_terry_loss, ranked_bradley_terry_loss, reward_centering_loss
-from alignkit.models import LoraSettings, load_sequence_classifier, unwrap
+from alignkit.models import LoraSettings, load_sequence_classifier, scalar_head, unwrap
 from alignkit.rewards.base import prompt_text
 from alignkit.rewards.model import reward_input_ids
 
@@ -151,7 +151,7 @@ class ScoreModel(nn.Module):
             last = torch.arange(len(input_ids), device=input_ids.device) * input_ids.shape[1]
             last = last + (positions * mask).argmax(-1)
         # the head runs on N vectors, not on every position
-        return base.score(hidden.flatten(0, 1)[last])[:, 0].float()
+        return scalar_head(base.score, hidden.flatten(0, 1)[last])[:, 0].float()
 
 
 # ------------------------------------------------------------------------------------------------------- data

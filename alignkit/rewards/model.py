@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from alignkit.models import scalar_head
 from alignkit.rewards.base import Prompt, check_batch, prompt_text
 
 # Encoding this probe catches tokenizers that share a vocabulary but normalise or split differently
@@ -55,7 +56,7 @@ def sequence_scores(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
         hidden = backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
         last = (positions * attention_mask).argmax(-1)  # (B,) rightmost real token, any padding layout
-        logits = head(hidden[torch.arange(len(last), device=last.device), last])  # (B, num_labels)
+        logits = scalar_head(head, hidden[torch.arange(len(last), device=last.device), last])  # (B, num_labels)
     else:
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits  # (B, num_labels)
     if logits.shape[-1] != 1:
