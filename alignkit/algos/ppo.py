@@ -54,7 +54,7 @@ from alignkit.config import (
 from alignkit.data import IGNORE, pad_sft, read_examples, sft_example
 from alignkit.engine import Engine, TrainConfig, default_threads, distributed_state
 from alignkit.generation import generator_arg
-from alignkit.logprobs import can_pack, logprobs_at, logprobs_from_hidden
+from alignkit.logprobs import backbone_hidden, can_pack, logprobs_at, logprobs_from_hidden
 from alignkit.models import load_model, scalar_head, unwrap
 from alignkit.online import (
     RolloutConfig,
@@ -68,6 +68,7 @@ from alignkit.online import (
     reference_logprobs,
     rollout_and_score,
     rollout_metrics,
+    rows,
     step_times,
     unpack_responses,
     with_policy_logprobs,
@@ -131,13 +132,13 @@ class PolicyValueModel(nn.Module):
         self.value_backbone = value_backbone
 
     def forward(self, input_ids, target_mask, attention_mask=None, position_ids=None, temperature: float = 1.0,
-                with_entropy: bool = False, at: tuple[torch.Tensor, torch.Tensor] | None = None):
+                with_entropy: bool = False, at: tuple[torch.Tensor, torch.Tensor] | None = None,
+                shared_prefix: int = 0):
         """(B, L) log-probs, values and entropies (None unless ``with_entropy``) at ``target_mask``; with ``at``
-        (a padding-free layout, see ``alignkit.logprobs.token_logprobs``) (T,) each, at those tokens."""
+        (a padding-free layout, see ``alignkit.logprobs.token_logprobs``) (T,) each, at those tokens.
+        ``shared_prefix``: consecutive rows with the same first columns run them once (``backbone_hidden``)."""
         inner = unwrap(self.lm)  # peft injects LoRA layers in place, so the base modules still use them
-        hidden = inner.base_model(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-        ).last_hidden_state  # (B, L, H)
+        hidden = backbone_hidden(inner.base_model, input_ids, attention_mask, position_ids, shared_prefix)  # (B, L, H)
         if at is not None:
             logps, entropy = logprobs_at(hidden, inner.get_output_embeddings(), input_ids, at, temperature, with_entropy)
         else:
@@ -145,9 +146,8 @@ class PolicyValueModel(nn.Module):
                                        with_entropy)
             logps, entropy = out if with_entropy else (out, None)
         if self.value_backbone is not None:
-            hidden = self.value_backbone(
-                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-            ).last_hidden_state  # (B, L, H_critic)
+            hidden = backbone_hidden(self.value_backbone, input_ids, attention_mask, position_ids,
+                                     shared_prefix)  # (B, L, H_critic)
         if at is not None:  # V(x, y_<t) from the hidden state that predicts y_t
             values = scalar_head(self.value_head, hidden.flatten(0, 1)[at[1]]).squeeze(-1).float()
             return logps, values, entropy if with_entropy else None
@@ -189,14 +189,16 @@ class KLController(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------- rollout rows
-def take(rollout: Rollout, rows) -> Rollout:
-    """The rollout restricted to ``rows`` (a slice or an index tensor)."""
-    return Rollout(**{f.name: getattr(rollout, f.name)[rows] for f in fields(Rollout)})
+def take(rollout: Rollout, index) -> Rollout:
+    """The rollout restricted to rows ``index`` (a slice or an index tensor)."""
+    return Rollout(**{f.name: getattr(rollout, f.name)[index] for f in fields(Rollout)})
 
 
 def chunks(rollout: Rollout, size: int):
+    """Consecutive parts of ``size`` rows, all-padding columns trimmed: the chunks the reference's pass takes
+    (``online.batched_logprobs``), so the old policy's pass runs the same shapes."""
     n = rollout.response_ids.shape[0]
-    return [take(rollout, slice(i, i + size)) for i in range(0, n, size)]
+    return [rows(rollout, slice(i, i + size)) for i in range(0, n, size)]
 
 
 def policy_outputs(module, rollout: Rollout, temperature: float, with_entropy: bool = False,
@@ -217,7 +219,9 @@ def policy_outputs(module, rollout: Rollout, temperature: float, with_entropy: b
     target = torch.zeros_like(input_ids, dtype=torch.bool)
     target[:, start:] = rollout.response_mask.bool()
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    logps, values, entropy = module(input_ids, target, attention_mask, position_ids, temperature, with_entropy)
+    # rows of one prompt (group_size > 1) share the prompt's forward, as in the reference's pass
+    logps, values, entropy = module(input_ids, target, attention_mask, position_ids, temperature, with_entropy,
+                                    shared_prefix=start)
     return logps[:, start:], values[:, start:], entropy[:, start:] if with_entropy else None
 
 
@@ -269,7 +273,9 @@ def ppo_update(engine: Engine, module: nn.Module, ref_fn: Callable[[Rollout], to
     # "old" log-probs and values from the training forward, not the sampler: the ratio starts at exactly 1
     with torch.no_grad(), engine.autocast():
         old = [policy_outputs(module, part, cfg.rollout.temperature, True, cfg.packing) for part in chunks(rollout, fwd)]
-    old_logps, old_values, entropy = (torch.cat(t) for t in zip(*old, strict=True))
+    width = mask.shape[1]
+    old_logps, old_values, entropy = (torch.cat([F.pad(x, (0, width - x.shape[1])) for x in t])
+                                      for t in zip(*old, strict=True))
     started = time.time()
     ref_logps = ref_fn(rollout)
     ref_seconds = time.time() - started
