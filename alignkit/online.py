@@ -236,18 +236,34 @@ def response_logprobs(module, rollout: Rollout, temperature: float = 1.0, packin
     well before the cap): prompts and responses without their padding, several per row behind a block mask. The
     choice depends only on the rows, so the same rows take the same layout in every pass (policy, old policy,
     reference): a policy equal to its reference still has a KL of exactly 0."""
-    batch = packed_layout(module, rollout, packing)
+    return rollout_forward(module, rollout, packing, temperature=temperature)
+
+
+def rollout_forward(module, rollout: Rollout, packing: bool, layout_model=None, **kwargs):
+    """``module(input_ids, target_mask, attention_mask, position_ids, **kwargs)`` over the rollout's rows in the
+    layout ``response_logprobs`` describes (``packed_layout`` of ``layout_model``, default ``module``), with the
+    output, a tensor or a tuple of tensors and Nones, moved to the rollout's (B, T) response positions, 0 on padding.
+    The module takes ``at=`` (padding-free rows) and ``shared_prefix=`` (padded rows): a LogprobModel, PPO's
+    PolicyValueModel."""
+    batch = packed_layout(module if layout_model is None else layout_model, rollout, packing)
     if batch is not None:
-        picked = module(batch["input_ids"], None, batch["attention_mask"], batch["position_ids"], temperature,
-                        at=(batch["target_index"], batch["source_index"]))  # (tokens,)
-        return unpack_responses(picked, rollout, batch)
-    input_ids, attention_mask = rollout.input_ids, rollout.attention_mask
-    start = rollout.prompt_ids.shape[1]
-    target = torch.zeros_like(input_ids, dtype=torch.bool)
-    target[:, start:] = rollout.response_mask.bool()
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    # rows of one prompt (a GRPO group, RAFT's K candidates) share the prompt's forward
-    return module(input_ids, target, attention_mask, position_ids, temperature, shared_prefix=start)[:, start:]
+        out = module(batch["input_ids"], None, batch["attention_mask"], batch["position_ids"],
+                     at=(batch["target_index"], batch["source_index"]), **kwargs)  # (tokens,) each
+
+        def place(x: torch.Tensor) -> torch.Tensor:
+            return unpack_responses(x, rollout, batch)
+    else:
+        input_ids, attention_mask = rollout.input_ids, rollout.attention_mask
+        start = rollout.prompt_ids.shape[1]
+        target = torch.zeros_like(input_ids, dtype=torch.bool)
+        target[:, start:] = rollout.response_mask.bool()
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        # rows of one prompt (a GRPO group, RAFT's K candidates, PPO's group_size) share the prompt's forward
+        out = module(input_ids, target, attention_mask, position_ids, shared_prefix=start, **kwargs)
+
+        def place(x: torch.Tensor) -> torch.Tensor:
+            return x[:, start:]
+    return place(out) if isinstance(out, torch.Tensor) else tuple(None if x is None else place(x) for x in out)
 
 
 def rollout_groups(rollout: Rollout) -> list[tuple[list[int], list[list[int]]]]:

@@ -62,15 +62,14 @@ from alignkit.online import (
     evaluate_policy,
     initial_copy,
     online_sampler,
-    packed_layout,
     prompt_batch,
     read_prompts,
     reference_logprobs,
     rollout_and_score,
+    rollout_forward,
     rollout_metrics,
     rows,
     step_times,
-    unpack_responses,
     with_policy_logprobs,
 )
 from alignkit.rewards import load_reward
@@ -209,20 +208,8 @@ def policy_outputs(module, rollout: Rollout, temperature: float, with_entropy: b
     ``packing``: padding-free rows where ``online.packed_rollout`` estimates them cheaper (SDPA attention in the
     policy and the critic), chosen from the rows alone, as for the reference's pass."""
     critic = unwrap(module).value_backbone
-    batch = packed_layout(unwrap(module).lm, rollout, packing and (critic is None or can_pack(critic)))
-    if batch is not None:
-        outputs = module(batch["input_ids"], None, batch["attention_mask"], batch["position_ids"], temperature,
-                         with_entropy, at=(batch["target_index"], batch["source_index"]))
-        return tuple(None if x is None else unpack_responses(x, rollout, batch) for x in outputs)
-    input_ids, attention_mask = rollout.input_ids, rollout.attention_mask
-    start = rollout.prompt_ids.shape[1]
-    target = torch.zeros_like(input_ids, dtype=torch.bool)
-    target[:, start:] = rollout.response_mask.bool()
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    # rows of one prompt (group_size > 1) share the prompt's forward, as in the reference's pass
-    logps, values, entropy = module(input_ids, target, attention_mask, position_ids, temperature, with_entropy,
-                                    shared_prefix=start)
-    return logps[:, start:], values[:, start:], entropy[:, start:] if with_entropy else None
+    return rollout_forward(module, rollout, packing and (critic is None or can_pack(critic)), unwrap(module).lm,
+                           temperature=temperature, with_entropy=with_entropy)
 
 
 def final_scores(rewards: torch.Tensor, ended_with_eos: torch.Tensor, penalty: float, replace_score: bool) -> torch.Tensor:
