@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import tempfile
+import types
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -310,6 +311,33 @@ def scalar_head(head: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     dtype = next(head.parameters()).dtype
     with torch.autocast(hidden.device.type, enabled=False):
         return head(hidden.to(dtype))
+
+
+def encoder_heads_in_fp32(model: torch.nn.Module) -> torch.nn.Module:
+    """Make an encoder classifier's own head run like ``scalar_head``: outside autocast, on inputs in its weights'
+    dtype. The head is every child of the model but its encoder, plus the encoder's pooler (BERT's pooler and
+    classifier, DistilBERT's pre-classifier, RoBERTa's classification head, DeBERTa's context pooler); HF's own
+    pooling is kept. The instances' ``forward`` is wrapped: weights and state_dict are untouched. Idempotent."""
+    base = unwrap(model)
+    encoder = getattr(base, base.base_model_prefix, None)
+    heads = [m for m in base.children() if m is not encoder]
+    if isinstance(getattr(encoder, "pooler", None), torch.nn.Module):
+        heads.append(encoder.pooler)
+    for head in heads:
+        if "forward" not in vars(head) and next(head.parameters(), None) is not None:
+            head.forward = types.MethodType(_forward_outside_autocast, head)
+    return model
+
+
+def _forward_outside_autocast(self, *args, **kwargs):
+    dtype = next(self.parameters()).dtype
+    device = next(self.parameters()).device.type
+
+    def cast(x):
+        return x.to(dtype) if torch.is_tensor(x) and x.is_floating_point() else x
+
+    with torch.autocast(device, enabled=False):
+        return type(self).forward(self, *map(cast, args), **{k: cast(v) for k, v in kwargs.items()})
 
 
 def unwrap(model):

@@ -134,6 +134,50 @@ def test_scalar_heads_read_fp32_hidden_states_in_fp32_under_autocast(tiny_rm, ti
     torch.testing.assert_close(values, exact, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("family", ["bert", "distilbert"])
+def test_encoder_heads_run_in_fp32_under_autocast(family):
+    """An encoder reward model's own head (BERT: the pooler inside the encoder and the classifier; DistilBERT: the
+    pre-classifier and classifier) reads the encoder's fp32 output in fp32 under bf16 autocast, in training's
+    ScoreModel and in the RL-time scorer, while the encoder itself runs in bf16; the head in bf16 would be off."""
+    from transformers import (
+        BertConfig,
+        BertForSequenceClassification,
+        DistilBertConfig,
+        DistilBertForSequenceClassification,
+    )
+
+    from alignkit.rewards.model import sequence_scores
+
+    torch.manual_seed(0)
+    if family == "bert":
+        model = BertForSequenceClassification(BertConfig(vocab_size=300, hidden_size=64, num_hidden_layers=2,
+                                                         num_attention_heads=4, intermediate_size=128, num_labels=1))
+    else:
+        model = DistilBertForSequenceClassification(DistilBertConfig(vocab_size=300, dim=64, n_layers=2, n_heads=4,
+                                                                     hidden_dim=128, num_labels=1))
+    model.eval()
+    for p in model.parameters():  # weights big enough for bf16 rounding to show in the scores
+        torch.nn.init.normal_(p, std=0.3)
+    ids = torch.randint(5, 300, (4, 11), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    encoder = getattr(model, model.base_model_prefix)
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            hidden = encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+            bf16_head = model(input_ids=ids, attention_mask=mask).logits[:, 0].float()  # before the wrapping
+            rewards = rm.ScoreModel(model)(ids, mask)
+            scores = sequence_scores(model, ids, mask)
+        assert hidden.dtype == torch.float32  # the encoder's last LayerNorm runs in fp32 under autocast
+        if family == "bert":
+            exact = model.classifier(encoder.pooler(hidden))[:, 0]
+        else:
+            exact = model.classifier(torch.relu(model.pre_classifier(hidden[:, 0])))[:, 0]
+    torch.testing.assert_close(rewards, exact, atol=1e-5, rtol=0)
+    torch.testing.assert_close(scores, exact, atol=1e-5, rtol=0)
+    assert (bf16_head - exact).abs().max() > 1e-3
+    assert set(model.state_dict()) == set(type(model)(model.config).state_dict())  # weights' names untouched
+
+
 def test_rm_learns_on_minilm_encoder(tmp_path):
     """An encoder backbone (BertForSequenceClassification on the bundled all-MiniLM-L6-v2) through the same trainer;
     its inputs are rendered like the text bridge renders them at RL time, so RewardModelSource agrees with it."""

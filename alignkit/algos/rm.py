@@ -42,7 +42,7 @@ from alignkit.data.examples import split_implicit_prompt, split_prompt_turns
 from alignkit.data.records import Record
 from alignkit.engine import Engine, TrainConfig, default_threads, distributed_state, total_steps_for
 from alignkit.losses import bradley_terry_loss, ranked_bradley_terry_loss, reward_centering_loss
-from alignkit.models import LoraSettings, load_sequence_classifier, scalar_head, unwrap
+from alignkit.models import LoraSettings, encoder_heads_in_fp32, load_sequence_classifier, scalar_head, unwrap
 from alignkit.rewards.base import prompt_text
 from alignkit.rewards.model import reward_input_ids
 
@@ -129,6 +129,8 @@ class ScoreModel(nn.Module):
         super().__init__()
         self.model = model
         self.decoder = is_decoder(model)
+        if not self.decoder:  # its head in fp32 under autocast, as the decoders' score head (scalar_head)
+            encoder_heads_in_fp32(model)
 
     def forward(
         self,

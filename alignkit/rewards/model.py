@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from alignkit.models import scalar_head
+from alignkit.models import encoder_heads_in_fp32, scalar_head
 from alignkit.rewards.base import Prompt, check_batch, prompt_text
 
 # Encoding this probe catches tokenizers that share a vocabulary but normalise or split differently
@@ -47,8 +47,8 @@ def sequence_scores(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
     Decoder classifiers (a ``score`` head over every position: Llama, Qwen, GPT-2, ...) are read at the
     last token of ``attention_mask``. Hugging Face's own pooling takes the last token that differs from
     ``pad_token_id``, which is wrong when pad == EOS (SmolLM2, many others) and the text ends in EOS.
-    Encoders (BERT-like) keep their [CLS]-pooled head. Reward-model training should read scores the
-    same way, so it uses this function too.
+    Encoders (BERT-like) keep their [CLS]-pooled head, run in fp32 like the decoders' score. Reward-model
+    training should read scores the same way, so it uses this function too.
     """
     head = getattr(model, "score", None)
     backbone = getattr(model, getattr(model, "base_model_prefix", ""), None)
@@ -57,8 +57,8 @@ def sequence_scores(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
         last = (positions * attention_mask).argmax(-1)  # (B,) rightmost real token, any padding layout
         logits = scalar_head(head, hidden[torch.arange(len(last), device=last.device), last])  # (B, num_labels)
-    else:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits  # (B, num_labels)
+    else:  # an encoder: HF's pooling, its head in fp32 under autocast (as `scalar_head` for decoders)
+        logits = encoder_heads_in_fp32(model)(input_ids=input_ids, attention_mask=attention_mask).logits
     if logits.shape[-1] != 1:
         raise ValueError(f"a reward model needs one output (num_labels=1), this one has {logits.shape[-1]}")
     return logits[:, 0].float()
