@@ -1,6 +1,6 @@
 """Pieces every online algorithm (PPO, GRPO, RLOO, REINFORCE++, RAFT, best-of-N) shares: prompt batches,
-rollouts scored by any reward source, and the metrics that expose reward hacking (KL, entropy, distinct-n,
-length) beside the reward.
+rollouts scored by any reward source, the metrics that expose reward hacking (KL, entropy, distinct-n, length)
+beside the reward, and the trainers' outer loop (``rollout_loop``: sample, score, update, log, evaluate, save).
 """
 
 from __future__ import annotations
@@ -72,9 +72,10 @@ def online_sampler(spec: str, model, tokenizer, max_model_len: int, seed: int = 
     return make_sampler(spec, model, tokenizer, max_model_len, seed=seed, follow_updates=True)
 
 
-def check_minibatches(prompts_per_step: int, group_size: int, batch_size: int, grad_accum: int) -> None:
+def check_minibatches(prompts_per_step: int, group_size: int, batch_size: int, grad_accum: int) -> int:
     """Each process's rows of a step (its prompts x group_size) must split into whole minibatches of
-    batch_size x grad_accum rows (one optimizer step each); checked before anything is loaded."""
+    batch_size x grad_accum rows (one optimizer step each); checked before anything is loaded. Returns the
+    number of those rows."""
     world = world_size()
     if prompts_per_step % world:
         raise OptionError("prompts_per_step", prompts_per_step, f"must be a multiple of the {world} processes")
@@ -82,6 +83,7 @@ def check_minibatches(prompts_per_step: int, group_size: int, batch_size: int, g
     if local_rows % minibatch:
         raise OptionError("batch_size", batch_size, f"{local_rows} rows per process per step (prompts_per_step x "
                           f"group_size / processes) do not split into minibatches of batch_size x grad_accum = {minibatch}")
+    return local_rows
 
 
 def prompt_batch(prompts: list[PromptExample], step: int, n: int, seed: int) -> list[PromptExample]:
@@ -153,6 +155,76 @@ def distinct_n(texts: list[str], n: int = 2) -> float:
         total += len(grams)
         unique.update(grams)
     return len(unique) / total if total else 0.0
+
+
+def rollout_loop(engine, prompts: list[PromptExample], steps: int, prompts_per_step: int, group_size: int,
+                 updates_per_step: int, reward: RewardSource, sampling: SamplingConfig, sampler,
+                 update: Callable[[ScoredRollout], dict[str, float]], evaluate: Callable[[], dict[str, float]] | None,
+                 checkpoint_after: Callable[[int], bool]):
+    """The outer loop of the online trainers (PPO, GRPO/RLOO/REINFORCE++, RAFT), from ``--resume`` (or held-out
+    evaluation before training) to the saved model; returns its path.
+
+    Step k: this process's contiguous share of ``prompt_batch(prompts, k, prompts_per_step, seed)``,
+    ``group_size`` samples each from the policy, scored by ``reward``; then ``update(scored)``, which makes
+    ``updates_per_step`` optimizer steps and returns the step's metrics, logged with the rollout's metrics (means
+    over the processes) and where the step's wall time went. The sampling generator is seeded by step and rank,
+    so a resumed run draws the prompts and samples the uninterrupted one did. ``evaluate`` (None: no held-out
+    prompts) runs before training, every ``--eval-steps`` steps and after; a checkpoint follows step k when
+    ``checkpoint_after(k)`` (k counted from 1; never after the last step, which the final model covers).
+    """
+    cfg, world = engine.cfg, engine.world_size
+    if prompts_per_step % world:
+        raise ValueError(f"prompts per step ({prompts_per_step}) must be a multiple of the {world} processes")
+    local = prompts_per_step // world
+    if cfg.resume:
+        engine.resume()
+    elif evaluate is not None:
+        before = evaluate()
+        engine.log(before, step=0)
+        if engine.is_main:
+            print("held-out before: " + _eval_summary(before))
+    if engine.step % updates_per_step:
+        raise RuntimeError(f"checkpoint at optimizer step {engine.step} is not at the end of an online step "
+                           f"({updates_per_step} optimizer steps each)")
+    engine.start_progress()
+    for step in range(engine.step // updates_per_step, steps):
+        started = time.time()
+        mine = prompt_batch(prompts, step, prompts_per_step, cfg.seed)[engine.rank * local : (engine.rank + 1) * local]
+        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 7_919 + engine.rank)
+        with engine.gathered():  # under FSDP: the policy's whole weights, in place, for the sampler
+            scored = rollout_and_score(engine.model, engine.tokenizer, mine, reward, sampling, group_size, generator,
+                                       sampler)
+        sampled = time.time()
+        logs = update(scored)
+        logs = {**mean_across_processes(engine, rollout_metrics(scored)), **logs, **step_times(started, sampled, scored)}
+        if cfg.eval_steps and evaluate is not None and (step + 1) % cfg.eval_steps == 0:
+            logs.update(evaluate())
+        engine.log(logs)
+        if step + 1 < steps and checkpoint_after(step + 1):
+            engine.save_checkpoint()
+    engine.close_progress()
+    if evaluate is not None:
+        after = evaluate()
+        engine.log(after)
+        if engine.is_main:
+            print("held-out after:  " + _eval_summary(after))
+    path = engine.finish()
+    if engine.is_main:
+        print(f"model saved to {path}")
+    return path
+
+
+def mean_across_processes(engine, metrics: dict[str, float]) -> dict[str, float]:
+    """Each metric's mean over the processes (every process passes the same names)."""
+    if engine.world_size == 1:
+        return metrics
+    names = sorted(metrics)
+    values = engine.accelerator.reduce(torch.tensor([metrics[n] for n in names], device=engine.device), "mean")
+    return dict(zip(names, values.tolist(), strict=True))
+
+
+def _eval_summary(metrics: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k in ("eval/reward/mean", "eval/kl", "eval/distinct-2"))
 
 
 def step_times(started: float, sampled: float, scored: ScoredRollout) -> dict[str, float]:

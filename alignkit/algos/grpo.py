@@ -49,25 +49,23 @@ from alignkit.config import (
     checked,
     model_location,
 )
-from alignkit.engine import Engine, TrainConfig, default_threads, distributed_state
+from alignkit.engine import Engine, TrainConfig, default_threads
 from alignkit.generation import generator_arg
 from alignkit.logprobs import LogprobModel
 from alignkit.models import load_model
 from alignkit.online import (
     RolloutConfig,
+    ScoredRollout,
     batched_logprobs,
     check_minibatches,
     evaluate_policy,
     initial_copy,
     online_sampler,
-    prompt_batch,
     read_prompts,
     reference_logprobs,
     response_logprobs,
-    rollout_and_score,
-    rollout_metrics,
+    rollout_loop,
     rows,
-    step_times,
     with_policy_logprobs,
 )
 from alignkit.rewards import load_reward
@@ -284,15 +282,9 @@ def train(cfg: GRPOConfig) -> Path:
         eval_prompts = eval_prompts[: cfg.rollout.eval_prompts]
     reward = load_reward(cfg.rollout.reward)
 
-    world = distributed_state().num_processes
-    if cfg.rollout.prompts_per_step % world:
-        raise ValueError(f"prompts_per_step {cfg.rollout.prompts_per_step} must be a multiple of {world} processes")
-    local_prompts = cfg.rollout.prompts_per_step // world
-    local_rows = local_prompts * cfg.rollout.group_size
-    minibatch = cfg.train.batch_size * cfg.train.grad_accum
-    if local_rows % minibatch:
-        raise ValueError(f"{local_rows} rows per process per step do not split into minibatches of {minibatch}")
-    updates_per_step = cfg.num_iterations * local_rows // minibatch
+    local_rows = check_minibatches(cfg.rollout.prompts_per_step, cfg.rollout.group_size, cfg.train.batch_size,
+                                   cfg.train.grad_accum)  # this process's rows per step
+    updates_per_step = cfg.num_iterations * local_rows // (cfg.train.batch_size * cfg.train.grad_accum)
     steps = cfg.train.max_steps if cfg.train.max_steps > 0 else \
         max(1, math.ceil(cfg.train.epochs * len(prompts) / cfg.rollout.prompts_per_step))
 
@@ -317,48 +309,13 @@ def train(cfg: GRPOConfig) -> Path:
         with engine.gathered():  # under FSDP: the policy's whole weights for sampling and its KL pass
             return evaluate_policy(model, tokenizer, eval_prompts, reward, sampling, ref_pair, sampler=sampler)
 
-    if cfg.train.resume:
-        engine.resume()
-    elif eval_prompts:
-        before = evaluate()
-        engine.log(before, step=0)
-        if engine.is_main:
-            print("held-out before: " + _summary(before))
-    engine.start_progress()
-    step = engine.step // updates_per_step
-    while step < steps:
-        started = time.time()
-        batch_prompts = prompt_batch(prompts, step, cfg.rollout.prompts_per_step, cfg.train.seed)
-        mine = batch_prompts[engine.rank * local_prompts : (engine.rank + 1) * local_prompts]
-        # seeded by step and rank, so a resumed run samples what the uninterrupted one would have
-        generator = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + step * 7_919 + engine.rank)
-        with engine.gathered():  # under FSDP: the policy's whole weights, in place, for the sampler
-            scored = rollout_and_score(model, tokenizer, mine, reward, sampling, cfg.rollout.group_size, generator,
-                                       sampler)
-        sampled = time.time()
-        logs = grpo_step(engine, reference, scored.rollout, scored.rewards, cfg, advantage_fn)
-        logs.update(rollout_metrics(scored))
-        logs.update(step_times(started, sampled, scored))
-        step += 1
-        if cfg.train.eval_steps and eval_prompts and step % cfg.train.eval_steps == 0:
-            logs.update(evaluate())
-        engine.log(logs)
-        if cfg.train.save_steps and step % cfg.train.save_steps == 0 and step < steps:
-            engine.save_checkpoint()
-    engine.close_progress()
-    if eval_prompts:
-        after = evaluate()
-        engine.log(after)
-        if engine.is_main:
-            print("held-out after:  " + _summary(after))
-    path = engine.finish()
-    if engine.is_main:
-        print(f"model saved to {path}")
-    return path
+    def update(scored: ScoredRollout) -> dict[str, float]:
+        return grpo_step(engine, reference, scored.rollout, scored.rewards, cfg, advantage_fn)
 
-
-def _summary(metrics: dict[str, float]) -> str:
-    return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k in ("eval/reward/mean", "eval/kl", "eval/distinct-2"))
+    save = cfg.train.save_steps  # counted in rollout steps
+    return rollout_loop(engine, prompts, steps, cfg.rollout.prompts_per_step, cfg.rollout.group_size,
+                        updates_per_step, reward, sampling, sampler, update, evaluate if eval_prompts else None,
+                        lambda done: bool(save) and done % save == 0)
 
 
 if __name__ == "__main__":  # pragma: no cover

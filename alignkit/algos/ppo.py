@@ -52,12 +52,13 @@ from alignkit.config import (
     model_location,
 )
 from alignkit.data import IGNORE, pad_sft, read_examples, sft_example
-from alignkit.engine import Engine, TrainConfig, default_threads, distributed_state
+from alignkit.engine import Engine, TrainConfig, default_threads
 from alignkit.generation import generator_arg
 from alignkit.logprobs import backbone_hidden, can_pack, logprobs_at, logprobs_from_hidden
 from alignkit.models import load_model, scalar_head, unwrap
 from alignkit.online import (
     RolloutConfig,
+    ScoredRollout,
     check_minibatches,
     evaluate_policy,
     initial_copy,
@@ -65,11 +66,9 @@ from alignkit.online import (
     prompt_batch,
     read_prompts,
     reference_logprobs,
-    rollout_and_score,
     rollout_forward,
-    rollout_metrics,
+    rollout_loop,
     rows,
-    step_times,
     with_policy_logprobs,
 )
 from alignkit.rewards import load_reward
@@ -330,14 +329,9 @@ def train(cfg: PPOConfig) -> Path:
         if cfg.ptx_coef > 0 else []
     reward = load_reward(cfg.rollout.reward)
 
-    world = distributed_state().num_processes
-    if cfg.rollout.prompts_per_step % world:
-        raise ValueError(f"prompts_per_step {cfg.rollout.prompts_per_step} must be a multiple of {world} processes")
-    local_prompts = cfg.rollout.prompts_per_step // world
-    local_rows = local_prompts * cfg.rollout.group_size
+    local_rows = check_minibatches(cfg.rollout.prompts_per_step, cfg.rollout.group_size, cfg.train.batch_size,
+                                   cfg.train.grad_accum)  # this process's rows per step
     minibatch = cfg.train.batch_size * cfg.train.grad_accum
-    if local_rows % minibatch:
-        raise ValueError(f"{local_rows} rows per process per step do not split into minibatches of {minibatch}")
     updates_per_step = cfg.ppo_epochs * local_rows // minibatch
     steps = cfg.train.max_steps
 
@@ -366,33 +360,14 @@ def train(cfg: PPOConfig) -> Path:
         with engine.gathered():  # under FSDP: the policy's whole weights for sampling and its KL pass
             return evaluate_policy(model, tokenizer, eval_prompts, reward, sampling, ref_pair, sampler=sampler)
 
-    if cfg.train.resume:
-        engine.resume()
-    elif eval_prompts:
-        before = evaluate()
-        engine.log(before, step=0)
-        if engine.is_main:
-            print("held-out before: " + _summary(before))
-    engine.start_progress()
-    step = engine.step // updates_per_step
-    while step < steps:
-        # 1. rollout, seeded by step and rank so a resumed run samples what the uninterrupted one would have
-        started = time.time()
-        batch_prompts = prompt_batch(prompts, step, cfg.rollout.prompts_per_step, cfg.train.seed)
-        mine = batch_prompts[engine.rank * local_prompts : (engine.rank + 1) * local_prompts]
-        generator = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + step * 7_919 + engine.rank)
-        with engine.gathered():  # under FSDP: the policy's whole weights, in place, for the sampler
-            scored = rollout_and_score(model, tokenizer, mine, reward, sampling, cfg.rollout.group_size, generator,
-                                       sampler)
+    def update(scored: ScoredRollout) -> dict[str, float]:
         scores = final_scores(scored.rewards, scored.rollout.ended_with_eos, cfg.missing_eos_penalty,
                               cfg.missing_eos_replace)
-        sampled = time.time()
         # 2-5. rewards with the KL penalty, GAE, the PPO epochs (with PPO-ptx batches when asked)
-        ptx_batches = [prompt_batch(ptx, step * updates_per_step + u, minibatch, cfg.train.seed + 1)
+        first = engine.step  # the optimizer steps this rollout's update starts from
+        ptx_batches = [prompt_batch(ptx, first + u, minibatch, cfg.train.seed + 1)
                        for u in range(updates_per_step)] if ptx else None
         logs = ppo_update(engine, engine.module, ref_fn, scored.rollout, scores, cfg, float(kl_ctl.coef), ptx_batches)
-        logs.update(rollout_metrics(scored))
-        logs.update(step_times(started, sampled, scored))
         # 6. adaptive β from this rollout's KL
         if cfg.target_kl > 0:  # every process must take the same β: average the KL over processes
             kl = torch.tensor(logs["kl"], device=engine.device)
@@ -401,26 +376,13 @@ def train(cfg: PPOConfig) -> Path:
             n_samples = cfg.rollout.prompts_per_step * cfg.rollout.group_size
             kl_ctl.coef.fill_(losses.adaptive_kl_coef(float(kl_ctl.coef), float(kl), cfg.target_kl,
                                                       k_beta=n_samples / cfg.kl_horizon))
-        step += 1
-        if cfg.train.eval_steps and eval_prompts and step % cfg.train.eval_steps == 0:
-            logs.update(evaluate())
-        engine.log(logs)
-        if cfg.train.save_steps and step % cfg.train.save_steps == 0 and step < steps:
-            engine.save_checkpoint()
-    engine.close_progress()
-    if eval_prompts:
-        after = evaluate()
-        engine.log(after)
-        if engine.is_main:
-            print("held-out after:  " + _summary(after))
-    path = engine.finish()
-    if engine.is_main:
-        print(f"model saved to {path}")
-    return path
+        return logs
 
-
-def _summary(metrics: dict[str, float]) -> str:
-    return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k in ("eval/reward/mean", "eval/kl", "eval/distinct-2"))
+    # 1. each step's rollout (sampled and scored by the loop), then the update above
+    save = cfg.train.save_steps  # counted in PPO steps (rollouts)
+    return rollout_loop(engine, prompts, steps, cfg.rollout.prompts_per_step, cfg.rollout.group_size,
+                        updates_per_step, reward, sampling, sampler, update, evaluate if eval_prompts else None,
+                        lambda done: bool(save) and done % save == 0)
 
 
 __all__ = ["KLController", "PPOConfig", "PolicyValueModel", "critic_from_reward_model", "final_scores", "policy_outputs", "ppo_loss",

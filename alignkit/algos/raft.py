@@ -44,12 +44,11 @@ from alignkit.online import (
     distinct_n,
     evaluate_policy,
     initial_copy,
+    mean_across_processes,
     online_sampler,
-    prompt_batch,
     read_prompts,
     reference_logprobs,
-    rollout_and_score,
-    rollout_metrics,
+    rollout_loop,
     with_policy_logprobs,
 )
 from alignkit.rewards import load_reward
@@ -98,17 +97,6 @@ def kept_examples(scored: ScoredRollout, rows: torch.Tensor) -> list[SFTExample]
     return out
 
 
-# -------------------------------------------------------------------------------------------- reference
-
-
-def _mean_across(engine: Engine, metrics: dict[str, float]) -> dict[str, float]:
-    if engine.world_size == 1:
-        return metrics
-    names = sorted(metrics)
-    values = engine.accelerator.reduce(torch.tensor([metrics[n] for n in names], device=engine.device), "mean")
-    return dict(zip(names, values.tolist()))
-
-
 # ------------------------------------------------------------------------------------------------ train
 
 
@@ -150,23 +138,10 @@ def train(cfg: RAFTConfig) -> Path:
             return evaluate_policy(model, tokenizer, eval_prompts, reward, sampling, logps_fn,
                                    seed=cfg.train.seed + 1234, sampler=sampler)
 
-    if eval_prompts and not cfg.train.resume:
-        before = evaluate()
-        engine.log(before, step=0)
-        if engine.is_main:
-            print(f"held-out reward before: {before['eval/reward/mean']:.4f}")
-    if cfg.train.resume:
-        engine.resume()
-    if engine.step % steps_per_stage:
-        raise RuntimeError(f"checkpoint at step {engine.step} is not at a stage boundary ({steps_per_stage} steps per stage)")
-
-    engine.start_progress()
-    for stage in range(engine.step // steps_per_stage, cfg.stages):
-        # 1. sample K responses for this process's share of the stage's prompts (seeded by stage: resumable)
-        batch = prompt_batch(prompts, stage, per_stage, cfg.train.seed)[engine.rank :: world]
-        generator = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + stage * 1_009 + engine.rank)
-        with engine.gathered():  # under FSDP: the policy's whole weights for the sampler and the KL pass
-            scored = rollout_and_score(model, tokenizer, batch, reward, sampling, k, generator, sampler)
+    def stage(scored: ScoredRollout) -> dict[str, float]:
+        # 1. (the loop) K responses sampled for this process's share of the stage's prompts, scored
+        index = engine.step // steps_per_stage
+        with engine.gathered():  # under FSDP: the policy's whole weights for the KL pass
             policy, ref = logps_fn(scored.rollout)
         mask = scored.rollout.response_mask.float()
         log_ratio = ((policy - ref) * mask).sum(-1)  # (B,) sequence-level log π/π_0
@@ -175,41 +150,33 @@ def train(cfg: RAFTConfig) -> Path:
         rows = select_best(ranking_scores(scored.rewards, log_ratio, cfg.kl_beta), k)
         kept = kept_examples(scored, rows)
         stage_metrics = {
-            **rollout_metrics(scored),
             "reward/kept": float(scored.rewards[rows].mean()),
             "kl": float(log_ratio.mean()),
             "kept/kl": float(log_ratio[rows].mean()),
             "kept/distinct-2": distinct_n([scored.texts[r] for r in rows.tolist()], 2),
             "kept/response/length": float(mask[rows].sum(-1).mean()),
         }
-        stage_metrics = {**_mean_across(engine, stage_metrics), "stage": stage + 1}
+        stage_metrics = {**mean_across_processes(engine, stage_metrics), "stage": index + 1}
 
-        # 3. SFT on the kept samples
+        # 3. SFT on the kept samples; every optimizer step but the last is logged here, the last by the loop
         for epoch in range(cfg.sft_epochs):
-            shuffle = torch.Generator().manual_seed(cfg.train.seed + 7919 * stage + epoch)
+            shuffle = torch.Generator().manual_seed(cfg.train.seed + 7919 * index + epoch)
             order = torch.randperm(len(kept), generator=shuffle).tolist()
             for s in range(steps_per_epoch):
                 chosen = [kept[i] for i in order[s * cfg.train.world_batch : (s + 1) * cfg.train.world_batch]]
                 micro = [pad_sft(chosen[j : j + cfg.train.batch_size], tokenizer.pad_token_id)
                          for j in range(0, len(chosen), cfg.train.batch_size)]
                 logs = engine.update(micro, sft_loss, count_targets)
-                last = epoch == cfg.sft_epochs - 1 and s == steps_per_epoch - 1
-                engine.log({**logs, **stage_metrics} if last else logs)
+                if epoch < cfg.sft_epochs - 1 or s < steps_per_epoch - 1:
+                    engine.log(logs)
         if engine.is_main and not cfg.train.progress:
-            print(f"stage {stage + 1}/{cfg.stages}: reward {stage_metrics['reward/mean']:.4f} "
+            print(f"stage {index + 1}/{cfg.stages}: reward {float(scored.rewards.mean()):.4f} "
                   f"kept {stage_metrics['reward/kept']:.4f} kl {stage_metrics['kl']:.4f}")
-        save = cfg.train.save_steps
-        if save and engine.step // save > (engine.step - steps_per_stage) // save and engine.step < total:
-            engine.save_checkpoint()
-    engine.close_progress()
+        return {**logs, **stage_metrics}
 
-    if eval_prompts:
-        after = evaluate()
-        engine.log(after)
-        if engine.is_main:
-            print(f"held-out reward after:  {after['eval/reward/mean']:.4f} (kl {after['eval/kl']:.4f}, "
-                  f"distinct-2 {after['eval/distinct-2']:.3f})")
-    path = engine.finish()
-    if engine.is_main:
-        print(f"model saved to {path}")
-    return path
+    def checkpoint_after(stages_done: int) -> bool:  # a multiple of --save-steps passed during that stage
+        save, done = cfg.train.save_steps, stages_done * steps_per_stage
+        return bool(save) and done // save > (done - steps_per_stage) // save
+
+    return rollout_loop(engine, prompts, cfg.stages, per_stage, k, steps_per_stage, reward, sampling, sampler, stage,
+                        evaluate if eval_prompts else None, checkpoint_after)
