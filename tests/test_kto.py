@@ -121,3 +121,43 @@ def test_lora_reference_precomputed_equals_adapter_disabled_live(tiny_model_dir,
 def test_full_fine_tuning_without_precomputed_reference_needs_a_model(tiny_model_dir, tmp_path):
     with pytest.raises(ValueError, match="needs --reference"):
         kto.train(_config(tiny_model_dir, tmp_path, precompute_ref=False))
+
+
+def test_padding_free_layout_equals_padded_log_probs_gradients_and_training(tiny_model_dir, tmp_path):
+    """The packed micro-batch (examples and mismatched pairs each in block-masked rows) gives the padded layout's
+    completion log-probs and gradients, and a run with --packing the --no-packing run's losses and weights."""
+    from alignkit.data import read_examples, unpaired_example
+    from alignkit.logprobs import LogprobModel
+    from alignkit.models import load_model
+
+    model, tokenizer = load_model(str(tiny_model_dir))
+    data = write_jsonl(tmp_path / "d.jsonl", _unpaired(6, seed=3))
+    examples = read_examples(str(data), unpaired_example, tokenizer, 128)
+    items = [(e, kl, 0.0, 0.0) for e, kl in zip(examples, kto.mismatched_completions(examples, 0, 128), strict=True)]
+    module = LogprobModel(model)
+    padded, packed = (kto.collate_unpaired(items, tokenizer.pad_token_id, pack) for pack in (False, True))
+    assert packed["labelled"]["input_ids"].numel() < padded["input_ids"].numel() // 2  # the padding is gone
+    grads = []
+    for batch in (padded, packed):
+        for part in ("labelled", "mismatched"):
+            assert kto.completion_logps(module, batch, part).shape == (6,)
+        both = kto.completion_logps(module, batch)
+        both.pow(2).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+        model.zero_grad(set_to_none=True)
+        if batch is padded:
+            expected = both.detach()
+    torch.testing.assert_close(both.detach(), expected, atol=1e-4, rtol=1e-5)
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-4, rtol=1e-3)
+
+    runs = {}
+    for pack in (True, False):
+        out = tmp_path / f"pack-{pack}"
+        out.mkdir()
+        kto.train(_config(tiny_model_dir, out, max_steps=3, packing=pack))
+        runs[pack] = ([r["loss"] for r in _logs(out) if "loss" in r and "eval/loss" not in r],
+                      load_file(out / "run" / "final" / "model.safetensors"))
+    assert runs[True][0] == pytest.approx(runs[False][0], abs=1e-4)
+    for name, weight in runs[False][1].items():
+        torch.testing.assert_close(runs[True][1][name], weight, atol=1e-5, rtol=1e-4)

@@ -19,7 +19,10 @@ Choices, and why:
 - the reference costs what it costs in DPO: log-probs precomputed in one no-grad pass before training by
   the policy itself (``precompute_ref``); with LoRA and ``precompute_ref`` off, the base model with the
   adapter disabled, live; or a separate ``--reference`` model;
-- mismatched pairs go through their own no-grad forward: they carry no gradient, so no backward either.
+- mismatched pairs go through their own no-grad forward: they carry no gradient, so no backward either;
+- padding-free (``packing``, on by default): the examples of a micro-batch (and, apart, its mismatched pairs) are
+  packed into rows behind a block mask, each computed exactly as if alone (``collate.pack_prompt_groups``), so
+  short completions cost no padding; ``--no-packing``: one right-padded row per example.
 """
 
 from __future__ import annotations
@@ -45,9 +48,9 @@ from alignkit.config import (
     need_data,
 )
 from alignkit.data import UnpairedExample, read_examples, unpaired_example
-from alignkit.data.collate import pad_prompt_completions
+from alignkit.data.collate import pack_prompt_groups, pad_prompt_completions
 from alignkit.engine import Engine, TrainConfig, default_threads, distributed_state, total_steps_for
-from alignkit.logprobs import LogprobModel
+from alignkit.logprobs import LogprobModel, can_pack
 from alignkit.models import adapter_disabled, load_model
 
 # (example, mismatched completion ids, reference log-prob of the completion, of the mismatched pair)
@@ -65,6 +68,8 @@ class KTOConfig:
     undesirable_weight: float = arg(1.0, "λ_U, loss weight of undesirable examples", check=above(0))
     reference: str = arg("", "reference model; empty: the initial policy", check=model_location)
     precompute_ref: bool = arg(True, "compute reference log-probs once before training")
+    packing: bool = arg(True, "padding-free: a micro-batch's examples packed in rows with a block mask (SDPA "
+                              "attention); --no-packing: one right-padded row per example")
 
     def check(self) -> None:
         need_data(self.data)
@@ -83,19 +88,38 @@ def mismatched_completions(examples: list[UnpairedExample], seed: int, max_lengt
     return [examples[partner[i]].completion_ids[: max(1, max_length - len(e.prompt_ids))] for i, e in enumerate(examples)]
 
 
-def collate_unpaired(items: list[Item], pad_id: int) -> dict[str, torch.Tensor]:
-    """Labelled rows then mismatched rows, right-padded: (2B, L) input_ids / attention_mask / target_mask."""
-    rows = [(e.prompt_ids, e.completion_ids) for e, _, _, _ in items] + [(e.prompt_ids, kl) for e, kl, _, _ in items]
-    input_ids, attention_mask, target_mask = pad_prompt_completions(rows, pad_id)
+def collate_unpaired(items: list[Item], pad_id: int, pack: bool = False) -> dict:
+    """Padded: labelled rows then mismatched rows, right-padded: (2B, L) input_ids / attention_mask / target_mask.
+    Packed: ``labelled`` and ``mismatched``, each ``pack_prompt_groups``'s padding-free rows of its B sequences."""
     ref = torch.tensor([[r, r_kl] for _, _, r, r_kl in items], dtype=torch.float32)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "target_mask": target_mask,
-            "desirable": torch.tensor([e.desirable for e, _, _, _ in items]), "ref": ref[:, 0], "ref_kl": ref[:, 1]}
+    batch = {"desirable": torch.tensor([e.desirable for e, _, _, _ in items]), "ref": ref[:, 0], "ref_kl": ref[:, 1]}
+    labelled = [(e.prompt_ids, e.completion_ids) for e, _, _, _ in items]
+    mismatched = [(e.prompt_ids, kl) for e, kl, _, _ in items]
+    if pack:
+        for name, rows in (("labelled", labelled), ("mismatched", mismatched)):
+            batch[name] = pack_prompt_groups([(prompt, [completion]) for prompt, completion in rows], pad_id)
+            del batch[name]["last"]
+        return batch
+    input_ids, attention_mask, target_mask = pad_prompt_completions(labelled + mismatched, pad_id)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "target_mask": target_mask, **batch}
 
 
-def completion_logps(module, batch: dict[str, torch.Tensor], rows: slice = slice(None)) -> torch.Tensor:
-    """Summed completion log-probs of the chosen rows of the batch, (rows,), in one forward pass."""
-    token = module(batch["input_ids"][rows], batch["target_mask"][rows], batch["attention_mask"][rows])
-    return token.sum(-1)
+def completion_logps(module, batch: dict, part: str = "both") -> torch.Tensor:
+    """Summed completion log-probs of the batch's ``labelled`` (B,) or ``mismatched`` (B,) sequences, or of
+    ``both`` (2B,: labelled first), from either layout of ``collate_unpaired``; one forward per part asked for."""
+    if "labelled" in batch:  # padding-free: (T,) token log-probs of each part, summed per sequence
+        parts = ("labelled", "mismatched") if part == "both" else (part,)
+        sums = []
+        for name in parts:
+            rows = batch[name]
+            token = module(rows["input_ids"], None, rows["attention_mask"], rows["position_ids"],
+                           at=(rows["target_index"], rows["source_index"]))
+            total = torch.zeros(rows["lengths"].shape[0], dtype=token.dtype, device=token.device)
+            sums.append(total.index_add(0, rows["response_index"], token))
+        return torch.cat(sums)
+    b = batch["desirable"].shape[0]
+    rows = {"both": slice(None), "labelled": slice(0, b), "mismatched": slice(b, None)}[part]
+    return module(batch["input_ids"][rows], batch["target_mask"][rows], batch["attention_mask"][rows]).sum(-1)
 
 
 def class_sums(logps: torch.Tensor, ref_logps: torch.Tensor, desirable: torch.Tensor,
@@ -126,7 +150,7 @@ def implicit_reward_accuracy(rewards: torch.Tensor, desirable: torch.Tensor) -> 
 
 @torch.no_grad()
 def reference_logps(module, items: list[Item], pad_id: int, autocast, batch_size: int = 16,
-                    adapter_off=nullcontext, device: torch.device | None = None) -> list[Item]:
+                    adapter_off=nullcontext, device: torch.device | None = None, pack: bool = False) -> list[Item]:
     """Items with the reference log-probs of the labelled and the mismatched pair filled in, in one pass of
     ``module`` (a LogprobModel, or the sharded training module under FSDP) inside ``adapter_off()``."""
     order = sorted(range(len(items)), key=lambda i: len(items[i][0].prompt_ids) + len(items[i][0].completion_ids))
@@ -136,7 +160,7 @@ def reference_logps(module, items: list[Item], pad_id: int, autocast, batch_size
     with adapter_off(), (packing.packed_linears(module, autocast) if items else nullcontext()):
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            batch = send_to_device(collate_unpaired([items[i] for i in idx], pad_id), device)
+            batch = send_to_device(collate_unpaired([items[i] for i in idx], pad_id, pack), device)
             with autocast():
                 logps = completion_logps(module, batch)
             b = len(idx)
@@ -184,6 +208,7 @@ def train(cfg: KTOConfig) -> Path:
     note = balance_note(examples, cfg)
     if note and engine.is_main:
         print(note, file=sys.stderr)
+    pack = cfg.packing and can_pack(model) and (ref_model is None or can_pack(ref_model))
     # no-grad passes of the policy go through the sharded module under FSDP; a separate reference is sharded too
     policy = engine.no_grad_module(LogprobModel(model))
     ref_module = engine.frozen(LogprobModel(ref_model)) if ref_model is not None else policy
@@ -194,9 +219,9 @@ def train(cfg: KTOConfig) -> Path:
     # computed before resume() can load trained weights, so the reference is always the initial policy
     with engine.inference():
         train_items = reference_logps(ref_module, items, pad_id, engine.autocast, adapter_off=adapter_off,
-                                      device=engine.device) if cfg.precompute_ref else items
+                                      device=engine.device, pack=pack) if cfg.precompute_ref else items
         eval_items = reference_logps(ref_module, eval_items, pad_id, engine.autocast, adapter_off=adapter_off,
-                                     device=engine.device)
+                                     device=engine.device, pack=pack)
 
     def live_reference(batch: dict) -> None:
         with torch.no_grad(), adapter_off():
@@ -213,10 +238,9 @@ def train(cfg: KTOConfig) -> Path:
     def loss_fn(module, batch):
         if not cfg.precompute_ref:
             live_reference(batch)
-        b = batch["desirable"].shape[0]
         with torch.no_grad():
-            z0 = kl_estimate(completion_logps(module, batch, slice(b, None)), batch["ref_kl"])
-        logps = completion_logps(module, batch, slice(0, b))
+            z0 = kl_estimate(completion_logps(module, batch, "mismatched"), batch["ref_kl"])
+        logps = completion_logps(module, batch, "labelled")
         per_example, metrics = objective(logps, batch["ref"], batch["desirable"], z0)
         return per_example.sum(), {"loss": per_example.mean().item(), "kl": float(metrics["kl"]),
                                    **class_sums(logps, batch["ref"], batch["desirable"], cfg.beta)}
@@ -229,7 +253,7 @@ def train(cfg: KTOConfig) -> Path:
         # z0 and the losses over the whole held-out set at once, so its value does not depend on batching
         logps, kl_logps = [], []
         for start in range(0, len(eval_items), 16):
-            batch = engine.to_device(collate_unpaired(eval_items[start : start + 16], pad_id))
+            batch = engine.to_device(collate_unpaired(eval_items[start : start + 16], pad_id, pack))
             with engine.autocast():
                 both = completion_logps(policy, batch)
             b = both.shape[0] // 2
@@ -244,7 +268,7 @@ def train(cfg: KTOConfig) -> Path:
         scores = {"loss": per_example.mean(), **metrics, "rewards/accuracies": accuracy}
         return {f"eval/{k}": float(v) for k, v in scores.items()}
 
-    collate = partial(collate_unpaired, pad_id=pad_id)
+    collate = partial(collate_unpaired, pad_id=pad_id, pack=pack)
     engine.derived_metrics["rewards/margins"] = lambda logs: logs["rewards/chosen"] - logs["rewards/rejected"]
     report = evaluate if eval_items else None
     if report is not None and not cfg.train.resume:
