@@ -19,7 +19,9 @@ One engine runs the whole job: total optimizer steps = stages × steps per stage
 sft_epochs × ceil(kept samples per process / (batch_size × grad_accum)); ``--max-steps``/``--epochs`` are not
 used. Checkpoints are written only at stage boundaries (at the end of a stage in which a multiple of
 ``--save-steps`` was passed), and a resumed run restarts at the next stage with the same seeded prompts and
-samples, so it reproduces the uninterrupted run.
+samples, so it reproduces the uninterrupted run. ``--eval-steps N`` evaluates on the held-out prompts after every
+N stages. The outer loop (sampling, logging, evaluation, checkpoints) is the one PPO and GRPO share
+(``online.rollout_loop``); a stage is its step.
 """
 
 from __future__ import annotations
