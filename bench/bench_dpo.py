@@ -26,15 +26,23 @@ import contextlib
 import json
 import os
 import random
-import resource
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from flops import alternate, machine_rates, model_path, record, refresh_rates, run_worker
+from flops import (
+    arm_arguments,
+    machine_rates,
+    model_path,
+    print_rounds,
+    record,
+    refresh_rates,
+    report,
+    run_arms,
+    trl_step_clock,
+)
 
 GOOD = ["a warm, funny and beautifully acted film", "a gripping story with a superb cast", "moving, clever and full of heart",
         "the best thing I have seen this year", "a delight from start to finish, with wonderful music"]
@@ -74,16 +82,11 @@ def run_alignkit(model_path: str, data: Path, out: Path, precision: str, packing
 
 def run_trl(model_path: str, data: Path, out: Path, bf16: bool) -> dict:
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
     rows = [json.loads(line) for line in data.read_text().splitlines()]
-    ends: list[float] = []
-
-    class StepEnds(TrainerCallback):
-        def on_step_end(self, args, state, control, **kw):
-            ends.append(time.perf_counter())
-
+    clock, ends = trl_step_clock()
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     args = DPOConfig(output_dir=str(out), per_device_train_batch_size=8, num_train_epochs=1, learning_rate=5e-6,
@@ -91,7 +94,7 @@ def run_trl(model_path: str, data: Path, out: Path, bf16: bool) -> dict:
                      logging_steps=1, report_to=[], save_strategy="no", beta=0.1, use_cpu=True,
                      dataloader_num_workers=0, disable_tqdm=True)
     trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
-                         callbacks=[StepEnds()])
+                         callbacks=[clock])
     trainer.train()
     model.save_pretrained(out / "final")
     tokenizer.save_pretrained(out / "final")
@@ -107,19 +110,7 @@ def worker(args: argparse.Namespace) -> None:
         result = run_trl(args.model, data, out, args.precision == "bf16")
     else:
         result = run_alignkit(args.model, data, out, args.precision, packing=args.worker == "alignkit")
-    result["total_s"] = time.perf_counter() - STARTED
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    result["peak_rss_mb"] = usage.ru_maxrss / 1024
-    result["cpu_s"] = usage.ru_utime + usage.ru_stime  # steadier than wall time on a shared machine
-    print("RESULT " + json.dumps(result), flush=True)
-
-
-def launch(kind: str, model: str, data: Path, out: Path, precision: str, threads: int = 0) -> dict:
-    command = [sys.executable, __file__, "--worker", kind, "--model", model, "--data", str(data), "--out", str(out),
-               "--precision", precision]
-    result = run_worker(command, threads)
-    result["startup_s"] = result["total_s"] - result["steps"] * result["step_s"]
-    return result
+    report(result, STARTED)
 
 
 @torch.no_grad()
@@ -172,17 +163,9 @@ def flop_bounds(model_path: str, data: Path, gflops: float) -> dict[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--models", default="tiny,smollm2")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pairs", type=int, default=64)
-    parser.add_argument("--skip-trl", action="store_true")
-    parser.add_argument("--repeat", type=int, default=1,
-                        help="alternate the arms this many rounds and keep each arm's fastest steady step")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="torch threads per run (0: torch's default); 1 avoids OpenMP stalls on a busy machine")
-    parser.add_argument("--worker", choices=["alignkit", "alignkit-padded", "trl"], help=argparse.SUPPRESS)
-    for hidden in ("--model", "--data", "--out", "--precision"):
-        parser.add_argument(hidden, help=argparse.SUPPRESS)
+    arm_arguments(parser, ["alignkit", "alignkit-padded", "trl"])
     args = parser.parse_args()
     if args.worker:
         return worker(args)
@@ -196,15 +179,8 @@ def main() -> None:
             label = "bf16" if precision == "bf16" else "fp32"
             kinds = ["alignkit", "alignkit-padded"] + ([] if args.skip_trl else ["trl"])
 
-            def run(kind: str, round_: int, name=name, label=label, path=path, precision=precision) -> dict:
-                out = work / f"{kind}-{name}-{label}-{round_}"
-                result = launch(kind, path, data, out, precision, args.threads)
-                result["out"] = out
-                print(f"[{name} {label}] {kind} done: {result['total_s']:.1f} s (step {result['step_s']:.2f} s)",
-                      flush=True)
-                return result
-
-            results = alternate(kinds, args.repeat, run)
+            results = run_arms(__file__, kinds, args.repeat, args.threads, work, f"{name} {label}", model=path, data=data,
+                               precision=precision)
             refresh_rates(rates)
             bound = flop_bounds(path, data, rates[precision])
             ours = results["alignkit"]
@@ -219,9 +195,7 @@ def main() -> None:
                 print(f"{who:<26} {r['total_s']:9.1f}s {r['startup_s']:8.1f}s {r['step_s']:6.2f}s "
                       f"{r['step_s'] / bound['step']:9.2f}x {r['total_s'] / bound['epoch']:8.2f}x "
                       f"{r['peak_rss_mb']:7.0f}MB {r['cpu_s']:6.0f}s {r['load']:5.1f} {r['total_s'] / ours['total_s']:10.2f}x")
-            if args.repeat > 1:
-                print(f"fastest of {args.repeat} alternating runs per arm; steps of every round: "
-                      + "; ".join(f"{k} " + " ".join(f"{s:.2f}" for s in r["step_s_all"]) for k, r in results.items()))
+            print_rounds(results, args.repeat)
             record("dpo", model=name, precision=label, gflops=rates[precision],
                    bound_step=bound["step"], bound_step_shared=bound["step_shared"], bound_epoch=bound["epoch"],
                    **{f"{k.replace('-', '_')}_{f}": r[v] for k, r in results.items() for f, v in (("e2e", "total_s"), ("step", "step_s"))})

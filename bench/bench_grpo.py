@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import statistics
 import sys
@@ -48,8 +47,10 @@ from flops import (
     machine_rates,
     model_path,
     online_step_flops,
+    print_rounds,
     record,
     refresh_rates,
+    report,
     run_worker,
 )
 
@@ -197,11 +198,7 @@ def worker(args: argparse.Namespace) -> None:
         result = run_ppo(args.model, args.steps, out, args.precision)
     else:
         result = run_alignkit(args.model, args.steps, args.beta, out, args.precision)
-    result["total_s"] = time.perf_counter() - STARTED
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    result["peak_rss_mb"] = usage.ru_maxrss / 1024
-    result["cpu_s"] = usage.ru_utime + usage.ru_stime  # steadier than wall time on a shared machine
-    print("RESULT " + json.dumps(result), flush=True)
+    report(result, STARTED)
 
 
 def launch(kind: str, model: str, out: Path, precision: str, steps: int, beta: float, threads: int) -> dict:
@@ -293,9 +290,7 @@ def main() -> None:
                 print("per step, distinct-prompt tokens P / generated tokens G (the bounds' counts): " + "; ".join(
                     f"{k} " + " ".join(f"{t['prompt_tokens']}/{t['generated']}" for t in r["tokens"])
                     for k, r in results.items()))
-                if args.repeat > 1:
-                    print(f"fastest of {args.repeat} alternating runs per arm; steps of every round: " + "; ".join(
-                        f"{k} " + " ".join(f"{s:.2f}" for s in r["step_s_all"]) for k, r in results.items()))
+                print_rounds(results, args.repeat)
                 record("grpo", model=name, precision=label, gflops=rates[precision], **{
                     f"{k}_{f}": v for k, r in results.items() for f, v in (
                         ("e2e", r["total_s"]), ("step", r["step_s"]), ("rollout", r["rollout_med"]),

@@ -23,16 +23,25 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 from bench_dpo import make_pairs
-from flops import alternate, linear_params, machine_rates, model_path, refresh_rates, run_worker, train_flops
+from flops import (
+    arm_arguments,
+    linear_params,
+    machine_rates,
+    model_path,
+    print_rounds,
+    refresh_rates,
+    report,
+    run_arms,
+    train_flops,
+    trl_step_clock,
+)
 
 BATCH, MAX_LENGTH, LR, BETA = 8, 128, 5e-6, 0.1
 STARTED = time.perf_counter()  # the worker process's own start (imports included, as a user's run pays them)
@@ -59,15 +68,10 @@ def run_alignkit(path: str, data: Path, out: Path, precision: str, packing: bool
 
 def run_trl(path: str, data: Path, out: Path, bf16: bool) -> dict:
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import KTOConfig, KTOTrainer
 
-    ends: list[float] = []
-
-    class StepEnds(TrainerCallback):
-        def on_step_end(self, args, state, control, **kw):
-            ends.append(time.perf_counter())
-
+    clock, ends = trl_step_clock()
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(path)
     rows = [json.loads(line) for line in data.read_text().splitlines()]
@@ -76,7 +80,7 @@ def run_trl(path: str, data: Path, out: Path, bf16: bool) -> dict:
                      undesirable_weight=1.0, gradient_checkpointing=False, bf16=bf16, logging_steps=1, report_to=[],
                      save_strategy="no", use_cpu=True, dataloader_num_workers=0, disable_tqdm=True)
     trainer = KTOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
-                         callbacks=[StepEnds()])
+                         callbacks=[clock])
     trainer.train()
     model.save_pretrained(out / "final")
     tokenizer.save_pretrained(out / "final")
@@ -89,11 +93,7 @@ def worker(args: argparse.Namespace) -> None:
         result = run_trl(args.model, data, out, args.precision == "bf16")
     else:
         result = run_alignkit(args.model, data, out, args.precision, packing=args.worker == "alignkit")
-    result["total_s"] = time.perf_counter() - STARTED
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    result["peak_rss_mb"] = usage.ru_maxrss / 1024
-    result["cpu_s"] = usage.ru_utime + usage.ru_stime
-    print("RESULT " + json.dumps(result), flush=True)
+    report(result, STARTED)
 
 
 def examples_of(path: str, data: Path):
@@ -127,16 +127,8 @@ def reward_accuracy(model_dir: Path, init_path: str, data: Path) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default="tiny,smollm2", help="tiny, smollm2 (or a model name/path), comma-separated")
     parser.add_argument("--pairs", type=int, default=64)
-    parser.add_argument("--skip-trl", action="store_true")
-    parser.add_argument("--repeat", type=int, default=1,
-                        help="alternate the arms this many rounds and keep each arm's fastest steady step")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="torch threads per run (0: torch's default); 1 avoids OpenMP stalls on a busy machine")
-    parser.add_argument("--worker", choices=["alignkit", "alignkit-padded", "trl"], help=argparse.SUPPRESS)
-    for hidden in ("--model", "--data", "--out", "--precision"):
-        parser.add_argument(hidden, help=argparse.SUPPRESS)
+    arm_arguments(parser, ["alignkit", "alignkit-padded", "trl"])
     args = parser.parse_args()
     if args.worker:
         return worker(args)
@@ -159,18 +151,8 @@ def main() -> None:
             label = "bf16" if precision == "bf16" else "fp32"
             kinds = ["alignkit", "alignkit-padded"] + ([] if args.skip_trl else ["trl"])
 
-            def run(kind: str, round_: int, name=name, label=label, path=path, precision=precision) -> dict:
-                out = work / f"{kind}-{name}-{label}-{round_}"
-                command = [sys.executable, __file__, "--worker", kind, "--model", path, "--data", str(data),
-                           "--out", str(out), "--precision", precision]
-                result = run_worker(command, args.threads)
-                result["startup_s"] = result["total_s"] - result["steps"] * result["step_s"]
-                result["out"] = out
-                print(f"[{name} {label}] {kind} done: {result['total_s']:.1f} s (step {result['step_s']:.2f} s)",
-                      flush=True)
-                return result
-
-            results = alternate(kinds, args.repeat, run)
+            results = run_arms(__file__, kinds, args.repeat, args.threads, work, f"{name} {label}", model=path, data=data,
+                               precision=precision)
             refresh_rates(rates)
             rate = rates[precision] * 1e9
             # per epoch: policy forward + backward and the mismatched forward; the reference forward over both
@@ -187,9 +169,7 @@ def main() -> None:
                 print(f"{names[kind]:<24} {r['total_s']:9.1f}s {r['startup_s']:8.1f}s {r['step_s']:6.2f}s "
                       f"{r['step_s'] / step:9.2f}x {r['total_s'] / epoch:8.2f}x {r['peak_rss_mb']:7.0f}MB "
                       f"{r['cpu_s']:6.0f}s {r['load']:5.1f} {r['total_s'] / ours['total_s']:10.2f}x")
-            if args.repeat > 1:
-                print(f"fastest of {args.repeat} alternating runs per arm; steps of every round: "
-                      + "; ".join(f"{k} " + " ".join(f"{s:.2f}" for s in r["step_s_all"]) for k, r in results.items()))
+            print_rounds(results, args.repeat)
             accuracy = {kind: reward_accuracy(r["out"] / "final", path, data) for kind, r in results.items()}
             print("implicit-reward accuracy (AUC, desirable vs undesirable) after the epoch: "
                   + ", ".join(f"{k} {v:.3f}" for k, v in accuracy.items()), flush=True)

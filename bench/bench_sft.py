@@ -24,22 +24,23 @@ import argparse
 import contextlib
 import json
 import os
-import resource
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 from flops import (
-    alternate,
+    arm_arguments,
     linear_params,
     machine_rates,
     model_path,
+    print_rounds,
     refresh_rates,
-    run_worker,
+    report,
+    run_arms,
     train_flops,
+    trl_step_clock,
 )
 
 BATCH, MAX_LENGTH, LR = 8, 256, 2e-5
@@ -72,15 +73,10 @@ def run_alignkit(path: str, data: Path, out: Path, precision: str, padding_free:
 
 def run_trl(path: str, data: Path, out: Path, bf16: bool, padding_free: bool) -> dict:
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    ends: list[float] = []
-
-    class StepEnds(TrainerCallback):
-        def on_step_end(self, args, state, control, **kw):
-            ends.append(time.perf_counter())
-
+    clock, ends = trl_step_clock()
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(path)
     rows = [json.loads(line) for line in data.read_text().splitlines()]
@@ -90,7 +86,7 @@ def run_trl(path: str, data: Path, out: Path, bf16: bool, padding_free: bool) ->
                      gradient_checkpointing=False, bf16=bf16, logging_steps=1, report_to=[], save_strategy="no",
                      use_cpu=True, dataloader_num_workers=0, disable_tqdm=True)
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
-                         callbacks=[StepEnds()])
+                         callbacks=[clock])
     trainer.train()
     model.save_pretrained(out / "final")
     tokenizer.save_pretrained(out / "final")
@@ -103,11 +99,7 @@ def worker(args: argparse.Namespace) -> None:
         result = run_trl(args.model, data, out, args.precision == "bf16", padding_free=args.worker == "trl")
     else:
         result = run_alignkit(args.model, data, out, args.precision, padding_free=args.worker == "alignkit")
-    result["total_s"] = time.perf_counter() - STARTED
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    result["peak_rss_mb"] = usage.ru_maxrss / 1024
-    result["cpu_s"] = usage.ru_utime + usage.ru_stime
-    print("RESULT " + json.dumps(result), flush=True)
+    report(result, STARTED)
 
 
 def tokens(path: str, data: Path) -> tuple[int, int, int]:
@@ -137,16 +129,8 @@ def completion_nll(model_dir: Path, data: Path) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default="tiny,smollm2", help="tiny, smollm2 (or a model name/path), comma-separated")
     parser.add_argument("--examples", type=int, default=128)
-    parser.add_argument("--skip-trl", action="store_true")
-    parser.add_argument("--repeat", type=int, default=1,
-                        help="alternate the arms this many rounds and keep each arm's fastest steady step")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="torch threads per run (0: torch's default); 1 avoids OpenMP stalls on a busy machine")
-    parser.add_argument("--worker", choices=["alignkit", "alignkit-padded", "trl", "trl-padded"], help=argparse.SUPPRESS)
-    for hidden in ("--model", "--data", "--out", "--precision"):
-        parser.add_argument(hidden, help=argparse.SUPPRESS)
+    arm_arguments(parser, ["alignkit", "alignkit-padded", "trl", "trl-padded"])
     args = parser.parse_args()
     if args.worker:
         return worker(args)
@@ -167,18 +151,8 @@ def main() -> None:
             label = "bf16" if precision == "bf16" else "fp32"
             kinds = ["alignkit", "alignkit-padded"] + ([] if args.skip_trl else ["trl", "trl-padded"])
 
-            def run(kind: str, round_: int, name=name, label=label, path=path, precision=precision) -> dict:
-                out = work / f"{kind}-{name}-{label}-{round_}"
-                command = [sys.executable, __file__, "--worker", kind, "--model", path, "--data", str(data),
-                           "--out", str(out), "--precision", precision]
-                result = run_worker(command, args.threads)
-                result["startup_s"] = result["total_s"] - result["steps"] * result["step_s"]
-                result["out"] = out
-                print(f"[{name} {label}] {kind} done: {result['total_s']:.1f} s (step {result['step_s']:.2f} s)",
-                      flush=True)
-                return result
-
-            results = alternate(kinds, args.repeat, run)
+            results = run_arms(__file__, kinds, args.repeat, args.threads, work, f"{name} {label}", model=path, data=data,
+                               precision=precision)
             refresh_rates(rates)
             epoch = train_flops(body, head, all_tokens, completion_tokens) / (rates[precision] * 1e9)
             step = epoch / steps
@@ -197,9 +171,7 @@ def main() -> None:
                 ours = results["alignkit"]
                 print(f"alignkit vs TRL's faster arm: {peer['total_s'] / ours['total_s']:.2f}x end to end, "
                       f"{peer['step_s'] / ours['step_s']:.2f}x per steady step")
-            if args.repeat > 1:
-                print(f"fastest of {args.repeat} alternating runs per arm; steps of every round: "
-                      + "; ".join(f"{k} " + " ".join(f"{s:.2f}" for s in r["step_s_all"]) for k, r in results.items()))
+            print_rounds(results, args.repeat)
             nll = {kind: completion_nll(r["out"] / "final", data) for kind, r in results.items()}
             print(f"completion NLL on the examples (start {completion_nll(Path(path), data):.4f}) after one epoch: "
                   + ", ".join(f"{k} {v:.4f}" for k, v in nll.items()), flush=True)

@@ -7,10 +7,12 @@ element-wise work are left out (small at these lengths), so the bound is optimis
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import statistics
 import subprocess
+import sys
 import time
 
 import torch
@@ -222,3 +224,74 @@ def alternate(kinds: list[str], repeat: int, run) -> dict[str, dict]:
         best["step_s_all"] = [r["step_s"] for r in results]
         kept[kind] = best
     return kept
+
+
+# ------------------------------------------------------------------------------ the training benches' harness
+def arm_arguments(parser, workers: list[str], hidden: tuple[str, ...] = ("--model", "--data", "--out", "--precision"),
+                  models: str = "tiny,smollm2") -> None:
+    """The flags every training bench takes (--models, --skip-trl, --repeat, --threads) and the hidden ones its
+    worker processes are started with (--worker KIND and ``hidden``)."""
+    parser.add_argument("--models", default=models, help="tiny, smollm2 (or a model name/path), comma-separated")
+    parser.add_argument("--skip-trl", action="store_true")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="alternate the arms this many rounds and keep each arm's fastest steady step")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads per run (0: torch's default); 1 avoids OpenMP stalls on a busy machine")
+    parser.add_argument("--worker", choices=workers, help=argparse.SUPPRESS)
+    for flag in hidden:
+        parser.add_argument(flag, help=argparse.SUPPRESS)
+
+
+def report(result: dict, started: float) -> None:
+    """A worker's last act: its ``RESULT {json}`` line with end to end (since ``started``, imports included), peak
+    RSS and CPU seconds (steadier than wall time on a shared machine) added."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    result.update(total_s=time.perf_counter() - started, peak_rss_mb=usage.ru_maxrss / 1024,
+                  cpu_s=usage.ru_utime + usage.ru_stime)
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def launch_arm(script: str, kind: str, label: str, threads: int = 0, **flags) -> dict:
+    """Run ``script --worker kind --FLAG value ...`` as its own process (``run_worker``), add start-up = end to end −
+    steps x steady step, and print the one-line progress note."""
+    command = [sys.executable, script, "--worker", kind]
+    for flag, value in flags.items():
+        command += [f"--{flag}", str(value)]
+    result = run_worker(command, threads)
+    result["startup_s"] = result["total_s"] - result["steps"] * result["step_s"]
+    print(f"[{label}] {kind} done: {result['total_s']:.1f} s (step {result['step_s']:.2f} s)", flush=True)
+    return result
+
+
+def print_rounds(results: dict[str, dict], repeat: int) -> None:
+    """With ``--repeat`` > 1: every round's steady step per arm (``alternate`` kept the fastest)."""
+    if repeat > 1:
+        print(f"fastest of {repeat} alternating runs per arm; steps of every round: "
+              + "; ".join(f"{k} " + " ".join(f"{s:.2f}" for s in r["step_s_all"]) for k, r in results.items()))
+
+
+def run_arms(script: str, kinds: list[str], repeat: int, threads: int, work, label: str, **flags) -> dict[str, dict]:
+    """Every arm of one (model, precision) cell: ``repeat`` rounds with the arms alternating (``alternate``), each a
+    ``launch_arm`` of ``script`` with ``flags`` and its own output directory under ``work`` (``out`` in its result)."""
+
+    def run(kind: str, round_: int) -> dict:
+        out = work / f"{kind}-{label.replace(' ', '-')}-{round_}"
+        return {**launch_arm(script, kind, label, threads, out=out, **flags), "out": out}
+
+    return alternate(kinds, repeat, run)
+
+
+def trl_step_clock() -> tuple[object, list[float]]:
+    """A transformers ``TrainerCallback`` that appends ``time.perf_counter()`` at every optimizer step's end, and
+    that list: a TRL worker's steady steps, timed as alignkit's are from its log."""
+    from transformers import TrainerCallback
+
+    ends: list[float] = []
+
+    class StepEnds(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            ends.append(time.perf_counter())
+
+    return StepEnds(), ends
