@@ -308,9 +308,7 @@ def scalar_head(head: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     autocast or not. The hidden states it reads are fp32 (the final norm's output); under bf16 autocast the head's
     outputs would keep 8 bits of mantissa (a reward near 5 in steps of 0.03), which measurably slows reward-model
     training (tests/test_rm.py). It multiplies N vectors by an (H, 1) matrix, so fp32 costs nothing."""
-    dtype = next(head.parameters()).dtype
-    with torch.autocast(hidden.device.type, enabled=False):
-        return head(hidden.to(dtype))
+    return _outside_autocast(head, head, hidden)
 
 
 def encoder_heads_in_fp32(model: torch.nn.Module) -> torch.nn.Module:
@@ -330,14 +328,18 @@ def encoder_heads_in_fp32(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def _forward_outside_autocast(self, *args, **kwargs):
-    dtype = next(self.parameters()).dtype
-    device = next(self.parameters()).device.type
+    return _outside_autocast(self, functools.partial(type(self).forward, self), *args, **kwargs)
+
+
+def _outside_autocast(module: torch.nn.Module, call, *args, **kwargs):
+    """``call(*args, **kwargs)`` with autocast off and floating-point inputs in ``module``'s weight dtype."""
+    weight = next(module.parameters())
 
     def cast(x):
-        return x.to(dtype) if torch.is_tensor(x) and x.is_floating_point() else x
+        return x.to(weight.dtype) if torch.is_tensor(x) and x.is_floating_point() else x
 
-    with torch.autocast(device, enabled=False):
-        return type(self).forward(self, *map(cast, args), **{k: cast(v) for k, v in kwargs.items()})
+    with torch.autocast(weight.device.type, enabled=False):
+        return call(*map(cast, args), **{k: cast(v) for k, v in kwargs.items()})
 
 
 def unwrap(model):

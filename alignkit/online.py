@@ -172,10 +172,8 @@ def rollout_loop(engine, prompts: list[PromptExample], steps: int, prompts_per_s
     prompts) runs before training, every ``--eval-steps`` steps and after; a checkpoint follows step k when
     ``checkpoint_after(k)`` (k counted from 1; never after the last step, which the final model covers).
     """
-    cfg, world = engine.cfg, engine.world_size
-    if prompts_per_step % world:
-        raise ValueError(f"prompts per step ({prompts_per_step}) must be a multiple of the {world} processes")
-    local = prompts_per_step // world
+    cfg = engine.cfg
+    local = prompts_per_step // engine.world_size  # a multiple: checked with the options, before anything loads
     if cfg.resume:
         engine.resume()
     elif evaluate is not None:
@@ -427,16 +425,32 @@ def rows(rollout: Rollout, index: torch.Tensor | slice) -> Rollout:
 
 
 @torch.no_grad()
-def batched_logprobs(module, rollout: Rollout, temperature: float, batch_size: int, context=nullcontext,
-                     packing: bool = False) -> torch.Tensor:
-    """(B, T) response log-probs in no-grad chunks of ``batch_size`` rows (old policy or reference)."""
-    out = torch.zeros_like(rollout.logprobs)
+def by_row_chunks(forward: Callable[[Rollout], Any], rollout: Rollout, batch_size: int, context=nullcontext):
+    """``forward(part)`` inside ``context()`` over consecutive parts of ``batch_size`` rows (all-padding columns
+    trimmed, ``rows``), no grad; its (b, t) output, a tensor or a tuple of them, placed at the rollout's (B, T)
+    response positions in fp32, 0 beyond each part's width. The no-grad passes over a rollout (reference, old
+    policy, PPO's old values) all take these chunks, so the same rows run the same shapes in each."""
+    outs, single = None, True
     for start in range(0, rollout.response_ids.shape[0], batch_size):
         part = rows(rollout, slice(start, start + batch_size))
         with context():
-            out[start : start + part.response_ids.shape[0], : part.response_ids.shape[1]] = \
-                response_logprobs(module, part, temperature, packing).float()
-    return out
+            got = forward(part)
+        single = torch.is_tensor(got)
+        got = (got,) if single else got
+        if outs is None:
+            outs = [torch.zeros_like(rollout.logprobs, dtype=torch.float32) for _ in got]
+        for out, x in zip(outs, got, strict=True):
+            out[start : start + x.shape[0], : x.shape[1]] = x
+    if outs is None:
+        return torch.zeros_like(rollout.logprobs, dtype=torch.float32)
+    return outs[0] if single else tuple(outs)
+
+
+def batched_logprobs(module, rollout: Rollout, temperature: float, batch_size: int, context=nullcontext,
+                     packing: bool = False) -> torch.Tensor:
+    """(B, T) response log-probs in no-grad chunks of ``batch_size`` rows (old policy or reference)."""
+    return by_row_chunks(lambda part: response_logprobs(module, part, temperature, packing), rollout, batch_size,
+                         context)
 
 
 def initial_copy(model, lora: bool, path: str = ""):

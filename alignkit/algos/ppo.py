@@ -59,6 +59,7 @@ from alignkit.models import load_model, scalar_head, unwrap
 from alignkit.online import (
     RolloutConfig,
     ScoredRollout,
+    by_row_chunks,
     check_minibatches,
     evaluate_policy,
     initial_copy,
@@ -68,7 +69,6 @@ from alignkit.online import (
     reference_logprobs,
     rollout_forward,
     rollout_loop,
-    rows,
     with_policy_logprobs,
 )
 from alignkit.rewards import load_reward
@@ -192,13 +192,6 @@ def take(rollout: Rollout, index) -> Rollout:
     return Rollout(**{f.name: getattr(rollout, f.name)[index] for f in fields(Rollout)})
 
 
-def chunks(rollout: Rollout, size: int):
-    """Consecutive parts of ``size`` rows, all-padding columns trimmed: the chunks the reference's pass takes
-    (``online.batched_logprobs``), so the old policy's pass runs the same shapes."""
-    n = rollout.response_ids.shape[0]
-    return [rows(rollout, slice(i, i + size)) for i in range(0, n, size)]
-
-
 def policy_outputs(module, rollout: Rollout, temperature: float, with_entropy: bool = False,
                    packing: bool = False) -> tuple:
     """(B, T) response log-probs, values and (with ``with_entropy``, else None) entropies under ``module``
@@ -257,11 +250,10 @@ def ppo_update(engine: Engine, module: nn.Module, ref_fn: Callable[[Rollout], to
         raise ValueError(f"{B} rollout rows per process do not split into minibatches of {minibatch} "
                          f"(batch_size {cfg.train.batch_size} x grad_accum {cfg.train.grad_accum})")
     # "old" log-probs and values from the training forward, not the sampler: the ratio starts at exactly 1
-    with torch.no_grad(), engine.autocast():
-        old = [policy_outputs(module, part, cfg.rollout.temperature, True, cfg.packing) for part in chunks(rollout, fwd)]
-    width = mask.shape[1]
-    old_logps, old_values, entropy = (torch.cat([F.pad(x, (0, width - x.shape[1])) for x in t])
-                                      for t in zip(*old, strict=True))
+    # in the reference's chunks (online.by_row_chunks), so the old policy's pass runs the same shapes
+    old_logps, old_values, entropy = by_row_chunks(
+        lambda part: policy_outputs(module, part, cfg.rollout.temperature, True, cfg.packing), rollout, fwd,
+        engine.autocast)
     started = time.time()
     ref_logps = ref_fn(rollout)
     ref_seconds = time.time() - started
