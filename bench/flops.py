@@ -83,23 +83,35 @@ def matmul_gflops(dtype: torch.dtype = torch.float32, size: int = 1024, seconds:
     return best
 
 
-MATMULS = ("mm", "addmm", "addmm_", "bmm", "baddbmm", "addbmm")
+MATMULS = ("mm", "addmm", "addmm_", "bmm", "baddbmm", "addbmm", "_linear_pointwise")
 
 
 def matmul_floor(step, repeats: int = 3) -> tuple[float, float, int]:
     """(seconds, FLOPs, calls) of the matrix multiplies ``step()`` runs, each replayed alone on fresh tensors of the
     same shapes, strides and dtype, best of ``repeats``: the time this machine's BLAS needs for exactly this step's
     matmuls, with nothing else in the way. A step cannot beat it; the gap between it and the FLOP bound (every
-    matmul at the 1024-square rate) is what the shapes cost, not the code."""
+    matmul at the 1024-square rate) is what the shapes cost, not the code. Products with a weight packed for oneDNN
+    (``alignkit.packing``: the LM head of the training log-probs, the sampler, reference passes) are replayed
+    packed."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
+    from alignkit import packing
+
     calls: dict[tuple, int] = {}
+
+    def spec(a):
+        if isinstance(a, list):  # _linear_pointwise's scalar list: hashable on record, a list again on replay
+            return ("list", tuple(a))
+        if not isinstance(a, torch.Tensor):
+            return a
+        if a.is_mkldnn:  # a packed weight: its (out, in) shape and dtype, repacked on replay
+            return ("packed", tuple(a.shape), a.dtype)
+        return (tuple(a.shape), a.stride(), a.dtype)
 
     class Log(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             if func.__name__.split(".")[0] in MATMULS:
-                key = (func, tuple((tuple(a.shape), a.stride(), a.dtype) if isinstance(a, torch.Tensor) else a
-                                   for a in args), tuple(sorted((kwargs or {}).items())))
+                key = (func, tuple(spec(a) for a in args), tuple(sorted((kwargs or {}).items())))
                 calls[key] = calls.get(key, 0) + 1
             return func(*args, **(kwargs or {}))
 
@@ -107,6 +119,10 @@ def matmul_floor(step, repeats: int = 3) -> tuple[float, float, int]:
         step()
 
     def like(spec):  # a fresh tensor laid out as the logged one (a transposed view stays transposed)
+        if isinstance(spec, tuple) and len(spec) == 2 and spec[0] == "list":
+            return list(spec[1])
+        if isinstance(spec, tuple) and len(spec) == 3 and spec[0] == "packed":
+            return packing.pack(torch.randn(spec[1]).to(spec[2]))
         if not (isinstance(spec, tuple) and len(spec) == 3 and isinstance(spec[2], torch.dtype)):
             return spec
         shape, stride, dtype = spec
@@ -114,16 +130,20 @@ def matmul_floor(step, repeats: int = 3) -> tuple[float, float, int]:
         return torch.randn(size).to(dtype).as_strided(shape, stride)
 
     seconds = flops = 0.0
-    for (func, spec, kw), count in calls.items():
-        args = [like(a) for a in spec]
+    for (func, spec_, kw), count in calls.items():
+        args = [like(a) for a in spec_]
         func(*args, **dict(kw))
         best = float("inf")
         for _ in range(repeats):
             start = time.perf_counter()
             func(*args, **dict(kw))
             best = min(best, time.perf_counter() - start)
-        a, b = [t for t in args if isinstance(t, torch.Tensor)][-2:]
-        flops += count * 2.0 * a.shape[:-1].numel() * a.shape[-1] * b.shape[-1]
+        if func.__name__.startswith("_linear_pointwise"):  # x (..., in) · packed (out, in)ᵀ
+            x, (out_features, in_features) = args[0], spec_[1][1]
+            flops += count * 2.0 * x.shape[:-1].numel() * in_features * out_features
+        else:
+            a, b = [t for t in args if isinstance(t, torch.Tensor)][-2:]
+            flops += count * 2.0 * a.shape[:-1].numel() * a.shape[-1] * b.shape[-1]
         seconds += count * best
     return seconds, flops, sum(calls.values())
 

@@ -124,8 +124,10 @@ def test_full_fine_tuning_without_precomputed_reference_needs_a_model(tiny_model
 
 
 def test_padding_free_layout_equals_padded_log_probs_gradients_and_training(tiny_model_dir, tmp_path):
-    """The packed micro-batch (examples and mismatched pairs each in block-masked rows) gives the padded layout's
-    completion log-probs and gradients, and a run with --packing the --no-packing run's losses and weights."""
+    """The packed micro-batch (examples and mismatched pairs each in block-masked rows) and the shared one (each
+    prompt once, then its completion and its mismatched one: the reference's and evaluation's layout) give the
+    padded layout's completion log-probs and gradients, and a run with --packing the --no-packing run's losses and
+    weights."""
     from alignkit.data import read_examples, unpaired_example
     from alignkit.logprobs import LogprobModel
     from alignkit.models import load_model
@@ -136,20 +138,28 @@ def test_padding_free_layout_equals_padded_log_probs_gradients_and_training(tiny
     items = [(e, kl, 0.0, 0.0) for e, kl in zip(examples, kto.mismatched_completions(examples, 0, 128), strict=True)]
     module = LogprobModel(model)
     padded, packed = (kto.collate_unpaired(items, tokenizer.pad_token_id, pack) for pack in (False, True))
+    shared = kto.collate_unpaired(items, tokenizer.pad_token_id, pack=True, shared=True)
     assert packed["labelled"]["input_ids"].numel() < padded["input_ids"].numel() // 2  # the padding is gone
-    grads = []
-    for batch in (padded, packed):
-        for part in ("labelled", "mismatched"):
-            assert kto.completion_logps(module, batch, part).shape == (6,)
+    prompt_tokens = sum(len(e.prompt_ids) for e in examples)
+    assert int((shared["shared"]["input_ids"] != tokenizer.pad_token_id).sum()) <= \
+        sum(int((packed[part]["input_ids"] != tokenizer.pad_token_id).sum()) for part in ("labelled", "mismatched")) \
+        - prompt_tokens  # each prompt once
+    with pytest.raises(ValueError, match="holds both parts"):
+        kto.completion_logps(module, shared, "labelled")
+    grads, outputs = [], []
+    for batch in (padded, packed, shared):
+        if batch is not shared:
+            for part in ("labelled", "mismatched"):
+                assert kto.completion_logps(module, batch, part).shape == (6,)
         both = kto.completion_logps(module, batch)
         both.pow(2).sum().backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+        outputs.append(both.detach())
         model.zero_grad(set_to_none=True)
-        if batch is padded:
-            expected = both.detach()
-    torch.testing.assert_close(both.detach(), expected, atol=1e-4, rtol=1e-5)
-    for name in grads[0]:
-        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-4, rtol=1e-3)
+    for both, grad in zip(outputs[1:], grads[1:], strict=True):
+        torch.testing.assert_close(both, outputs[0], atol=1e-4, rtol=1e-5)
+        for name in grads[0]:
+            torch.testing.assert_close(grad[name], grads[0][name], atol=1e-4, rtol=1e-3)
 
     runs = {}
     for pack in (True, False):

@@ -22,7 +22,9 @@ Choices, and why:
 - mismatched pairs go through their own no-grad forward: they carry no gradient, so no backward either;
 - padding-free (``packing``, on by default): the examples of a micro-batch (and, apart, its mismatched pairs) are
   packed into rows behind a block mask, each computed exactly as if alone (``collate.pack_prompt_groups``), so
-  short completions cost no padding; ``--no-packing``: one right-padded row per example.
+  short completions cost no padding; the no-grad passes that want both (the reference, the held-out evaluation)
+  run each prompt once, followed by its completion and its mismatched one; ``--no-packing``: one right-padded row
+  per example.
 """
 
 from __future__ import annotations
@@ -88,16 +90,21 @@ def mismatched_completions(examples: list[UnpairedExample], seed: int, max_lengt
     return [examples[partner[i]].completion_ids[: max(1, max_length - len(e.prompt_ids))] for i, e in enumerate(examples)]
 
 
-def collate_unpaired(items: list[Item], pad_id: int, pack: bool = False) -> dict:
+def collate_unpaired(items: list[Item], pad_id: int, pack: bool = False, shared: bool = False) -> dict:
     """Padded: labelled rows then mismatched rows, right-padded: (2B, L) input_ids / attention_mask / target_mask.
-    Packed: ``labelled`` and ``mismatched``, each ``pack_prompt_groups``'s padding-free rows of its B sequences."""
+    Packed: ``labelled`` and ``mismatched``, each ``pack_prompt_groups``'s padding-free rows of its B sequences;
+    with ``shared`` instead one ``shared`` part where each prompt appears once, followed by its completion and its
+    mismatched completion (for the no-grad passes that want both: the prompt's work is done once, not twice)."""
     ref = torch.tensor([[r, r_kl] for _, _, r, r_kl in items], dtype=torch.float32)
     batch = {"desirable": torch.tensor([e.desirable for e, _, _, _ in items]), "ref": ref[:, 0], "ref_kl": ref[:, 1]}
     labelled = [(e.prompt_ids, e.completion_ids) for e, _, _, _ in items]
     mismatched = [(e.prompt_ids, kl) for e, kl, _, _ in items]
     if pack:
-        for name, rows in (("labelled", labelled), ("mismatched", mismatched)):
-            batch[name] = pack_prompt_groups([(prompt, [completion]) for prompt, completion in rows], pad_id)
+        parts = {"shared": [(e.prompt_ids, [e.completion_ids, kl]) for e, kl, _, _ in items]} if shared else \
+            {name: [(prompt, [completion]) for prompt, completion in rows]
+             for name, rows in (("labelled", labelled), ("mismatched", mismatched))}
+        for name, groups in parts.items():
+            batch[name] = pack_prompt_groups(groups, pad_id)
             del batch[name]["last"]
         return batch
     input_ids, attention_mask, target_mask = pad_prompt_completions(labelled + mismatched, pad_id)
@@ -106,9 +113,12 @@ def collate_unpaired(items: list[Item], pad_id: int, pack: bool = False) -> dict
 
 def completion_logps(module, batch: dict, part: str = "both") -> torch.Tensor:
     """Summed completion log-probs of the batch's ``labelled`` (B,) or ``mismatched`` (B,) sequences, or of
-    ``both`` (2B,: labelled first), from either layout of ``collate_unpaired``; one forward per part asked for."""
-    if "labelled" in batch:  # padding-free: (T,) token log-probs of each part, summed per sequence
-        parts = ("labelled", "mismatched") if part == "both" else (part,)
+    ``both`` (2B,: labelled first), from any layout of ``collate_unpaired`` (a ``shared`` one gives ``both`` only);
+    one forward per part asked for, one in all for a ``shared`` layout."""
+    if "shared" in batch or "labelled" in batch:  # padding-free: (T,) token log-probs of each part, summed per sequence
+        if "shared" in batch and part != "both":
+            raise ValueError(f"a shared layout holds both parts; asked for {part!r}")
+        parts = ("shared",) if "shared" in batch else ("labelled", "mismatched") if part == "both" else (part,)
         sums = []
         for name in parts:
             rows = batch[name]
@@ -116,6 +126,8 @@ def completion_logps(module, batch: dict, part: str = "both") -> torch.Tensor:
                            at=(rows["target_index"], rows["source_index"]))
             total = torch.zeros(rows["lengths"].shape[0], dtype=token.dtype, device=token.device)
             sums.append(total.index_add(0, rows["response_index"], token))
+        if "shared" in batch:  # responses are numbered group by group: (labelled, mismatched) per example
+            return torch.cat([sums[0][0::2], sums[0][1::2]])
         return torch.cat(sums)
     b = batch["desirable"].shape[0]
     rows = {"both": slice(None), "labelled": slice(0, b), "mismatched": slice(b, None)}[part]
@@ -160,7 +172,7 @@ def reference_logps(module, items: list[Item], pad_id: int, autocast, batch_size
     with adapter_off(), (packing.packed_linears(module, autocast) if items else nullcontext()):
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            batch = send_to_device(collate_unpaired([items[i] for i in idx], pad_id, pack), device)
+            batch = send_to_device(collate_unpaired([items[i] for i in idx], pad_id, pack, shared=True), device)
             with autocast():
                 logps = completion_logps(module, batch)
             b = len(idx)
@@ -253,7 +265,7 @@ def train(cfg: KTOConfig) -> Path:
         # z0 and the losses over the whole held-out set at once, so its value does not depend on batching
         logps, kl_logps = [], []
         for start in range(0, len(eval_items), 16):
-            batch = engine.to_device(collate_unpaired(eval_items[start : start + 16], pad_id, pack))
+            batch = engine.to_device(collate_unpaired(eval_items[start : start + 16], pad_id, pack, shared=True))
             with engine.autocast():
                 both = completion_logps(policy, batch)
             b = both.shape[0] // 2
