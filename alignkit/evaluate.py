@@ -104,8 +104,9 @@ class EvalConfig:
             raise OptionError("output", "", "--judge writes its verdicts beside --output X.json: give --output")
 
 
-def policy_and_reference(model, reference: str, temperature: float, batch_size: int = 16):
-    """rollout -> (policy log-probs, reference log-probs), both (B, T), or None when there is no reference."""
+def policy_and_reference(model, reference: str, temperature: float, batch_size: int = 64):
+    """rollout -> (policy log-probs, reference log-probs), both (B, T), or None when there is no reference. No-grad
+    passes in chunks of ``batch_size`` rows: 64 ran ~10% faster than 16 (larger products), for a few MB."""
     lora = hasattr(model, "disable_adapter")
     if not reference and not lora:
         return None

@@ -22,6 +22,7 @@ from alignkit.data.collate import pack_prompt_groups, plan_rows
 from alignkit.generation import BUILTIN, make_sampler
 from alignkit.logprobs import LogprobModel, can_pack, causal_lm
 from alignkit.models import adapter_disabled, load_model
+from alignkit.packing import packed_linears
 from alignkit.rewards import RewardModelSource, RewardSource, reward_spec_problem
 from alignkit.rollout import Rollout, SamplingConfig, sample
 
@@ -471,7 +472,9 @@ def reference_logprobs(model, lora: bool, path: str = "", temperature: float = 1
     Given the training ``engine``, a separate reference is placed by ``engine.frozen`` (under FSDP sharded like
     the policy: its passes are collectives, made equally often by every process since all have the same number
     of rollout rows), and the LoRA reference reads the policy inside ``engine.gathered()`` (whole weights).
-    ``packing``: the padding-free layout of ``response_logprobs`` (where the reference model allows it)."""
+    ``packing``: the padding-free layout of ``response_logprobs`` (where the reference model allows it).
+    ``fn(rollout, packed_weights=True)`` multiplies by weights packed once for the call (``packing.packed_linears``,
+    for ``with_policy_logprobs``: both sides alike); ``fn.packs_weights`` says whether it can (not when sharded)."""
     if path:
         ref_model, context = load_model(path)[0], nullcontext
     elif lora:
@@ -485,11 +488,13 @@ def reference_logprobs(model, lora: bool, path: str = "", temperature: float = 1
         context = partial(_both, engine.gathered, context)
     else:
         module = engine.frozen(module)
+    sharded = engine is not None and engine.sharded
 
-    def ref_logps(rollout: Rollout) -> torch.Tensor:
-        with autocast():
+    def ref_logps(rollout: Rollout, packed_weights: bool = False) -> torch.Tensor:
+        with autocast(), (packed_linears(ref_model, autocast) if packed_weights and not sharded else nullcontext()):
             return batched_logprobs(module, rollout, temperature, batch_size, context, packing)
 
+    ref_logps.packs_weights = not sharded
     return ref_logps
 
 
@@ -505,12 +510,17 @@ def with_policy_logprobs(model, reference: Callable[[Rollout], torch.Tensor], te
     a ``reference_logprobs`` function. Both sides go through the same training forward, in the same chunks and
     precision, never the sampler's log-probs (another kernel, perhaps another precision: in bf16 they differ by
     ~1e-3 per token), so a policy equal to its reference has a KL of exactly 0 (``packing`` as given to
-    ``reference_logprobs``: the same layout on both sides). Under FSDP call it inside ``engine.gathered()``, as
-    ``evaluate_policy`` and the sampler are."""
+    ``reference_logprobs``: the same layout on both sides). Where the reference can (``packs_weights``: not
+    sharded) both sides multiply by packed fp32 weights (``alignkit.packing``): the same products on both sides,
+    ~1.15x faster on CPU. Under FSDP call it inside ``engine.gathered()``, as ``evaluate_policy`` and the sampler
+    are."""
     policy = LogprobModel(model)
+    packed = getattr(reference, "packs_weights", False)
 
     def logps(rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
         with autocast():
-            return batched_logprobs(policy, rollout, temperature, batch_size, packing=packing), reference(rollout)
+            with packed_linears(model, autocast) if packed else nullcontext():
+                mine = batched_logprobs(policy, rollout, temperature, batch_size, packing=packing)
+            return mine, reference(rollout, packed_weights=packed)
 
     return logps

@@ -91,3 +91,49 @@ def test_output_json_and_samples_round_trip(tiny_model_dir, prompts, tmp_path):
     assert len(samples) == 5 * 3 and [s["prompt"] for s in samples[:3]] == ["Review number 0:"] * 3
     assert sum(s["reward"] for s in samples) / 15 == pytest.approx(metrics["reward/mean"], abs=1e-6)
     assert sum(s["length"] for s in samples) / 15 == pytest.approx(metrics["response/length"], abs=1e-6)
+
+
+def test_kl_passes_multiply_by_packed_weights_on_both_sides(tiny_model_dir, lora_dir, prompts):
+    """The evaluation's two no-grad passes run on packed weights (alignkit.packing) where the CPU can: every linear
+    of both sides, the same products, so a policy equal to its reference keeps a KL of exactly 0; the log-probs
+    equal the plain-weight passes' to rounding."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from alignkit import packing
+    from alignkit.evaluate import policy_and_reference
+    from alignkit.logprobs import LogprobModel
+    from alignkit.online import batched_logprobs, prompts_of, rollout_and_score
+    from alignkit.rewards import load_reward
+    from alignkit.rollout import SamplingConfig
+
+    if not packing.packs(torch.float32, torch.device("cpu")):
+        pytest.skip("no oneDNN packed linear on this build")
+
+    class Products(TorchDispatchMode):
+        packed = plain = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.__name__.split(".")[0]
+            Products.packed += name == "_linear_pointwise"
+            Products.plain += name in ("mm", "addmm")
+            return func(*args, **(kwargs or {}))
+
+    model, tokenizer = load_model(str(lora_dir), merge_adapter=False)
+    rows = prompts_of(DataConfig(data=prompts, max_length=32), tokenizer)
+    scored = rollout_and_score(model, tokenizer, rows, load_reward("length:6"), SamplingConfig(max_new_tokens=8), 3,
+                               torch.Generator().manual_seed(0))
+    both = policy_and_reference(model, "", 1.0)
+    with Products():
+        policy, reference = both(scored.rollout)
+    assert Products.plain == 0 and Products.packed > 0  # every product of both passes packed
+    assert float((policy - reference).abs().max()) > 0.01  # the adapter moved the policy
+    # plain weights: the same log-probs to rounding
+    plain_policy = batched_logprobs(LogprobModel(model), scored.rollout, 1.0, 64, packing=True)
+    torch.testing.assert_close(policy, plain_policy, atol=1e-5, rtol=1e-5)
+    # a policy equal to its reference (the LoRA B matrices zero): exactly equal log-probs on packed weights
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.zero_()
+    policy, reference = both(scored.rollout)
+    assert torch.equal(policy, reference)
