@@ -1,6 +1,6 @@
 """alignkit DPO vs TRL's DPOTrainer, side by side in one run, on the same pairs, model and hyperparameters.
 
-    .venv/bin/python bench/bench_dpo.py [--models smollm2,tiny] [--pairs 64] [--skip-trl]
+    .venv/bin/python bench/bench_dpo.py [--models smollm2,tiny] [--pairs 64] [--skip-trl] [--lora]
 
 Workload (issue #3): 64 preference pairs, batch 8, max length 128, one epoch, full fine-tune, on SmolLM2-135M
 and on a tiny 2-layer/128-wide llama with the SmolLM2 vocabulary. TRL runs at its fastest setting on this
@@ -17,6 +17,11 @@ prompt counted twice, as the padded algorithm computes it; the bound with the pr
 beside it), end to end plus one reference forward. On a CPU with native bf16 the fp32 runs are printed too. The
 DPO loss of each trained model on the pairs (same evaluation code, same initial reference) checks that all runs
 trained the same thing.
+
+``--lora``: both sides train a LoRA adapter instead (rank 16, alpha 32, no dropout, every linear layer of the blocks,
+lr 5e-4, as the bundled recipes do; TRL through peft, its reference the base with the adapter disabled). The bound
+then counts forward + input gradients only (the frozen weights get no gradient): 4 instead of 6 FLOPs per weight
+and token.
 """
 
 from __future__ import annotations
@@ -63,15 +68,18 @@ def make_pairs(n: int, seed: int = 0) -> list[dict]:
     return rows
 
 
-def run_alignkit(model_path: str, data: Path, out: Path, precision: str, packing: bool) -> dict:
+LORA_R, LORA_ALPHA, LORA_LR = 16, 32, 5e-4  # --lora: the bundled recipes' adapter and learning rate
+
+
+def run_alignkit(model_path: str, data: Path, out: Path, precision: str, packing: bool, lora: bool = False) -> dict:
     from alignkit.algos import dpo
     from alignkit.config import DataConfig, ModelConfig
     from alignkit.engine import TrainConfig
 
     cfg = dpo.DPOConfig(
-        model=ModelConfig(model=model_path),
+        model=ModelConfig(model=model_path, lora=lora, lora_r=LORA_R, lora_alpha=LORA_ALPHA),
         data=DataConfig(data=str(data), max_length=128),
-        train=TrainConfig(output_dir=str(out), epochs=1, batch_size=8, lr=5e-6, schedule="linear",
+        train=TrainConfig(output_dir=str(out), epochs=1, batch_size=8, lr=LORA_LR if lora else 5e-6, schedule="linear",
                           warmup_ratio=0.0, mixed_precision=precision, report_to="none", progress=False),
         packing=packing,
     )
@@ -80,7 +88,7 @@ def run_alignkit(model_path: str, data: Path, out: Path, precision: str, packing
     return {"step_ends": [r["time"] for r in rows if "loss" in r]}
 
 
-def run_trl(model_path: str, data: Path, out: Path, bf16: bool) -> dict:
+def run_trl(model_path: str, data: Path, out: Path, bf16: bool, lora: bool = False) -> dict:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
@@ -89,14 +97,21 @@ def run_trl(model_path: str, data: Path, out: Path, bf16: bool) -> dict:
     clock, ends = trl_step_clock()
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    args = DPOConfig(output_dir=str(out), per_device_train_batch_size=8, num_train_epochs=1, learning_rate=5e-6,
+    peft_config = None
+    if lora:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0, target_modules="all-linear",
+                                 task_type="CAUSAL_LM")
+    args = DPOConfig(output_dir=str(out), per_device_train_batch_size=8, num_train_epochs=1,
+                     learning_rate=LORA_LR if lora else 5e-6,
                      lr_scheduler_type="linear", max_length=128, gradient_checkpointing=False, bf16=bf16,
                      logging_steps=1, report_to=[], save_strategy="no", beta=0.1, use_cpu=True,
                      dataloader_num_workers=0, disable_tqdm=True)
     trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
-                         callbacks=[clock])
+                         callbacks=[clock], peft_config=peft_config)
     trainer.train()
-    model.save_pretrained(out / "final")
+    trainer.model.save_pretrained(out / "final")  # with --lora the adapter, on the base at model_path
     tokenizer.save_pretrained(out / "final")
     return {"step_ends": [t - STARTED for t in ends]}
 
@@ -105,11 +120,11 @@ STARTED = time.perf_counter()  # the worker process's own start (imports include
 
 
 def worker(args: argparse.Namespace) -> None:
-    data, out = Path(args.data), Path(args.out)
+    data, out, lora = Path(args.data), Path(args.out), args.adapter == "lora"
     if args.worker == "trl":
-        result = run_trl(args.model, data, out, args.precision == "bf16")
+        result = run_trl(args.model, data, out, args.precision == "bf16", lora)
     else:
-        result = run_alignkit(args.model, data, out, args.precision, packing=args.worker == "alignkit")
+        result = run_alignkit(args.model, data, out, args.precision, packing=args.worker == "alignkit", lora=lora)
     report(result, STARTED)
 
 
@@ -141,10 +156,10 @@ def dpo_loss_on(model_dir: Path, init_path: str, data: Path) -> float:
     return total / len(items)
 
 
-def flop_bounds(model_path: str, data: Path, gflops: float) -> dict[str, float]:
+def flop_bounds(model_path: str, data: Path, gflops: float, lora: bool = False) -> dict[str, float]:
     """Seconds nothing can go below at ``gflops``: ``step`` a steady step's policy forward + backward (real tokens,
-    each pair's prompt twice; LM head at response tokens), ``step_shared`` the same with each prompt once, and
-    ``epoch`` the whole epoch plus one reference forward of the same tokens."""
+    each pair's prompt twice; LM head at response tokens; with ``lora`` no weight gradients), ``step_shared`` the
+    same with each prompt once, and ``epoch`` the whole epoch plus one reference forward of the same tokens."""
     from flops import linear_params, train_flops
 
     from alignkit.data import preference_example, read_examples
@@ -157,15 +172,19 @@ def flop_bounds(model_path: str, data: Path, gflops: float) -> dict[str, float]:
     body, head = linear_params(model)
     steps = -(-len(examples) // 8)
     rate = gflops * 1e9
-    return {"step": train_flops(body, head, 2 * prompts + responses, responses) / steps / rate,
-            "step_shared": train_flops(body, head, prompts + responses, responses) / steps / rate,
-            "epoch": train_flops(body, head, 2 * prompts + responses, responses, 2 * prompts + responses, responses) / rate}
+    grads = not lora
+    return {"step": train_flops(body, head, 2 * prompts + responses, responses, weight_grads=grads) / steps / rate,
+            "step_shared": train_flops(body, head, prompts + responses, responses, weight_grads=grads) / steps / rate,
+            "epoch": train_flops(body, head, 2 * prompts + responses, responses, 2 * prompts + responses, responses,
+                                 weight_grads=grads) / rate}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pairs", type=int, default=64)
-    arm_arguments(parser, ["alignkit", "alignkit-padded", "trl"])
+    parser.add_argument("--lora", action="store_true", help="both sides train a LoRA adapter (rank 16, alpha 32)")
+    arm_arguments(parser, ["alignkit", "alignkit-padded", "trl"],
+                  hidden=("--model", "--data", "--out", "--precision", "--adapter"))
     args = parser.parse_args()
     if args.worker:
         return worker(args)
@@ -179,12 +198,14 @@ def main() -> None:
             label = "bf16" if precision == "bf16" else "fp32"
             kinds = ["alignkit", "alignkit-padded"] + ([] if args.skip_trl else ["trl"])
 
+            adapter = "lora" if args.lora else "full"
             results = run_arms(__file__, kinds, args.repeat, args.threads, work, f"{name} {label}", model=path, data=data,
-                               precision=precision)
+                               precision=precision, adapter=adapter)
             refresh_rates(rates)
-            bound = flop_bounds(path, data, rates[precision])
+            bound = flop_bounds(path, data, rates[precision], args.lora)
             ours = results["alignkit"]
-            print(f"\n[{name}, {label}] {args.pairs} pairs, batch 8, 1 epoch. FLOP bound at {rates[precision]:.0f} "
+            tuning = f"LoRA r{LORA_R}/alpha {LORA_ALPHA} on every linear" if args.lora else "full fine-tune"
+            print(f"\n[{name}, {label}] {args.pairs} pairs, batch 8, 1 epoch, {tuning}. FLOP bound at {rates[precision]:.0f} "
                   f"GFLOP/s: steady step {bound['step']:.2f} s (prompt once: {bound['step_shared']:.2f} s), "
                   f"epoch with reference {bound['epoch']:.1f} s")
             print(f"{'run':<26} {'end to end':>10} {'start-up':>9} {'step':>7} {'step/bound':>10} {'e2e/bound':>9} "
@@ -196,7 +217,7 @@ def main() -> None:
                       f"{r['step_s'] / bound['step']:9.2f}x {r['total_s'] / bound['epoch']:8.2f}x "
                       f"{r['peak_rss_mb']:7.0f}MB {r['cpu_s']:6.0f}s {r['load']:5.1f} {r['total_s'] / ours['total_s']:10.2f}x")
             print_rounds(results, args.repeat)
-            record("dpo", model=name, precision=label, gflops=rates[precision],
+            record("dpo-lora" if args.lora else "dpo", model=name, precision=label, gflops=rates[precision],
                    bound_step=bound["step"], bound_step_shared=bound["step_shared"], bound_epoch=bound["epoch"],
                    **{f"{k.replace('-', '_')}_{f}": r[v] for k, r in results.items() for f, v in (("e2e", "total_s"), ("step", "step_s"))})
             losses = {kind: dpo_loss_on(r["out"] / "final", path, data) for kind, r in results.items()}

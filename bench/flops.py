@@ -27,9 +27,12 @@ def linear_params(model) -> tuple[int, int]:
 
 
 def train_flops(body: int, head: int, tokens: int, head_tokens: int, frozen_tokens: int = 0,
-                frozen_head_tokens: int = 0) -> float:
-    """Forward + backward over ``tokens`` (head at ``head_tokens``), plus forward-only passes (reference)."""
-    return 6.0 * (body * tokens + head * head_tokens) + 2.0 * (body * frozen_tokens + head * frozen_head_tokens)
+                frozen_head_tokens: int = 0, weight_grads: bool = True) -> float:
+    """Forward + backward over ``tokens`` (head at ``head_tokens``), plus forward-only passes (reference). The
+    backward costs 4 FLOPs per weight and token (input and weight gradients), 2 when the weights are frozen
+    (``weight_grads`` False: LoRA, whose adapters' own FLOPs are negligible at rank << hidden)."""
+    train = 6.0 if weight_grads else 4.0
+    return train * (body * tokens + head * head_tokens) + 2.0 * (body * frozen_tokens + head * frozen_head_tokens)
 
 
 def online_step_flops(body: int, head: int, prompt_tokens: int, prompts: int, rows: int, generated: int,
