@@ -36,6 +36,7 @@ from flops import (
     machine_rates,
     model_path,
     print_rounds,
+    record,
     refresh_rates,
     report,
     run_arms,
@@ -155,9 +156,10 @@ def main() -> None:
                                precision=precision)
             refresh_rates(rates)
             rate = rates[precision] * 1e9
-            # per epoch: policy forward + backward and the mismatched forward; the reference forward over both
+            # per epoch: policy forward + backward and the mismatched forward; the reference forward over both, each
+            # prompt once (followed by its completion and its mismatched one, taken as long as its own)
             training = train_flops(body, head, tokens, completions, tokens, completions)
-            epoch = (training + 2.0 * 2.0 * (body * tokens + head * completions)) / rate
+            epoch = (training + 2.0 * (body * (tokens + completions) + head * 2 * completions)) / rate
             step = training / steps / rate
             print(f"\n[{name}, {label}] {len(examples)} unpaired examples ({tokens} tokens, {completions} in completions), "
                   f"batch {BATCH}, 1 epoch = {steps} steps. FLOP bound at {rates[precision]:.0f} GFLOP/s: steady step "
@@ -170,6 +172,9 @@ def main() -> None:
                       f"{r['step_s'] / step:9.2f}x {r['total_s'] / epoch:8.2f}x {r['peak_rss_mb']:7.0f}MB "
                       f"{r['cpu_s']:6.0f}s {r['load']:5.1f} {r['total_s'] / ours['total_s']:10.2f}x")
             print_rounds(results, args.repeat)
+            record("kto", model=name, precision=label, gflops=rates[precision], bound_step=step, bound_epoch=epoch,
+                   **{f"{k.replace('-', '_')}_{f}": r[v] for k, r in results.items()
+                      for f, v in (("e2e", "total_s"), ("step", "step_s"))})
             accuracy = {kind: reward_accuracy(r["out"] / "final", path, data) for kind, r in results.items()}
             print("implicit-reward accuracy (AUC, desirable vs undesirable) after the epoch: "
                   + ", ".join(f"{k} {v:.3f}" for k, v in accuracy.items()), flush=True)

@@ -36,6 +36,7 @@ from flops import (
     machine_rates,
     model_path,
     print_rounds,
+    record,
     refresh_rates,
     report,
     run_arms,
@@ -172,6 +173,9 @@ def main() -> None:
                 print(f"alignkit vs TRL's faster arm: {peer['total_s'] / ours['total_s']:.2f}x end to end, "
                       f"{peer['step_s'] / ours['step_s']:.2f}x per steady step")
             print_rounds(results, args.repeat)
+            record("sft", model=name, precision=label, gflops=rates[precision], bound_step=step, bound_epoch=epoch,
+                   alignkit_e2e=results["alignkit"]["total_s"], alignkit_step=results["alignkit"]["step_s"],
+                   **({"trl_e2e": peer["total_s"], "trl_step": peer["step_s"]} if peer else {}))
             nll = {kind: completion_nll(r["out"] / "final", data) for kind, r in results.items()}
             print(f"completion NLL on the examples (start {completion_nll(Path(path), data):.4f}) after one epoch: "
                   + ", ".join(f"{k} {v:.4f}" for k, v in nll.items()), flush=True)

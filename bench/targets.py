@@ -4,7 +4,7 @@
     .venv/bin/python bench/targets.py --from RECORDS.jsonl      (the table again, from an earlier run's records)
     (make bench-targets)
 
-Runs bench_dpo, bench_rm, bench_grpo (--skip-ppo), bench_rollout and, where `make .venv-vllm` has built it,
+Runs bench_dpo, bench_rm, bench_grpo (--skip-ppo), bench_sft, bench_kto, bench_rollout and, where `make .venv-vllm` has built it,
 bench_vllm in that environment, each as its own process with its output shown as it comes. Each bench appends its
 figures to a records file (``flops.record``, JSON lines; kept beside the log). The table then sets each figure
 against its target, for this machine's kind:
@@ -12,7 +12,8 @@ against its target, for this machine's kind:
 - CPU with native bf16 (AVX512-BF16/AMX; the benches then run alignkit and its peers in bf16): DPO end to end
   >= 3x TRL and its steady step <= 1.5x the FLOP bound; RM >= 2x TRL; GRPO step >= 3x TRL; sampling >= 2x HF
   generate at batch 64 and >= 1.5x at batch 8, and at least vLLM's CPU build on every workload.
-- AVX2-only CPU (fp32): every steady step <= 1.3x its FLOP bound, and the same ratios to the peers.
+- AVX2-only CPU (fp32): every steady step <= 1.3x its FLOP bound (SFT's and KTO's too), and the same ratios to
+  the peers. SFT and KTO have no peer targets: their ratios to TRL are printed as "(no target)".
 
 "bound allows" is the largest ratio to the peer that the FLOP bound leaves possible (the peer's time over the
 bound's): where it is below the target, the target is ruled out on this machine whatever the code does.
@@ -34,10 +35,12 @@ BENCHES = {  # name -> arguments after the script (the --threads / --repeat flag
     "dpo": ["bench_dpo.py", "--models", "smollm2"],
     "rm": ["bench_rm.py", "--models", "smollm2"],
     "grpo": ["bench_grpo.py", "--models", "smollm2", "--steps", "3", "--skip-ppo"],
+    "sft": ["bench_sft.py", "--models", "smollm2"],
+    "kto": ["bench_kto.py", "--models", "smollm2"],
     "rollout": ["bench_rollout.py", "--models", "smollm2"],
     "vllm": ["bench_vllm.py"],
 }
-REPEATS = ("dpo", "rm", "grpo")  # training benches: --repeat alternates the arms and keeps each one's fastest
+REPEATS = ("dpo", "rm", "grpo", "sft", "kto")  # training benches: --repeat alternates the arms and keeps each one's fastest
 VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
 
 
@@ -115,6 +118,12 @@ def targets(records: list[dict]) -> list[dict]:
         peer("GRPO step vs TRL", grpo["alignkit_step"], grpo["trl_step"], 3.0, grpo["alignkit_bound_step"])
     if grpo:
         step("GRPO step / FLOP bound", grpo["alignkit_step"], grpo["alignkit_bound_step"], None if native else 1.3)
+    for bench in ("sft", "kto"):
+        r = latest.get((bench, precision, None))
+        if r and "trl_e2e" in r:
+            peer(f"{bench.upper()} end to end vs TRL", r["alignkit_e2e"], r["trl_e2e"], None, r["bound_epoch"])
+        if r:
+            step(f"{bench.upper()} steady step / FLOP bound", r["alignkit_step"], r["bound_step"], None if native else 1.3)
     for workload, goal in (("b64x32", 2.0), ("b8x48", 1.5), ("grpo", None)):
         r = latest.get(("rollout", None, workload))
         ours = f"alignkit {precision}"

@@ -35,9 +35,14 @@ def test_records_round_trip_into_the_targets_table(bench_modules):
     flops.record("rollout", model="smollm2", workload="b64x32", tokens=2048, bound={"HF generate fp32": 8.0,
                  "alignkit fp32": 8.0}, tokens_per_s={"HF generate fp32": 64.0, "alignkit fp32": 160.0})
     flops.record("vllm", workload="b8x48", startup_s=16.0, tokens_per_s={"alignkit fp32": 80.0, "vLLM float32": 100.0})
+    flops.record("sft", model="smollm2", precision="fp32", gflops=150.0, bound_step=4.0, bound_epoch=60.0,
+                 alignkit_e2e=90.0, alignkit_step=6.0, trl_e2e=135.0, trl_step=8.0)
+    flops.record("kto", model="smollm2", precision="fp32", gflops=150.0, bound_step=2.0, bound_epoch=40.0,
+                 alignkit_e2e=60.0, alignkit_step=2.5, alignkit_padded_e2e=75.0, alignkit_padded_step=3.1,
+                 trl_e2e=100.0, trl_step=6.0)
 
     records = targets.read_records(path)
-    assert [r["bench"] for r in records] == ["dpo", "rm", "grpo", "rollout", "vllm"]
+    assert [r["bench"] for r in records] == ["dpo", "rm", "grpo", "rollout", "vllm", "sft", "kto"]
     assert records[0]["native_bf16"] is False and records[0]["threads"] >= 1
     rows = {r["target"]: r for r in targets.targets(records)}
     dpo = rows["DPO end to end vs TRL"]
@@ -55,6 +60,12 @@ def test_records_round_trip_into_the_targets_table(bench_modules):
     assert sampling["measured"] == pytest.approx(2.5) and sampling["allows"] == pytest.approx(4.0)
     assert sampling["verdict"] == "met"
     assert rows["sampling b8x48 vs vLLM float32"]["verdict"] == "NOT MET"  # 0.8x
+    assert rows["SFT steady step / FLOP bound"]["measured"] == pytest.approx(1.5)
+    assert rows["SFT steady step / FLOP bound"]["verdict"] == "NOT MET"  # 1.5x > 1.3x
+    assert rows["SFT end to end vs TRL"]["measured"] == pytest.approx(1.5)
+    assert rows["SFT end to end vs TRL"]["verdict"] == "(no target)"
+    assert rows["KTO steady step / FLOP bound"]["verdict"] == "met"  # 1.25x
+    assert rows["KTO end to end vs TRL"]["allows"] == pytest.approx(2.5)
 
 
 def test_a_target_the_bound_rules_out_says_so(bench_modules):
