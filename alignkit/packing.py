@@ -66,15 +66,18 @@ def packed_linears(module: nn.Module, autocast=nullcontext):
     """Within the block every plain ``nn.Linear`` of ``module`` with an fp32 CPU weight multiplies by a packed copy
     of it, made on entry (no autograd: for no-grad passes whose weights do not change inside the block). Nothing is
     packed when the pass runs under ``autocast()`` on the CPU (a packed product takes no autocast: the pass keeps
-    its mixed precision). Sharded (DTensor) weights and other dtypes keep their own forward."""
+    its mixed precision). Sharded (DTensor) weights and other dtypes keep their own forward. A causal LM's output
+    layer is left alone: the log-probs read its weight directly and pack it themselves (``logprobs.HeadLogprobs``),
+    so a packed copy of it (113 MB for SmolLM2) would only take memory."""
     with autocast():
         mixed = torch.is_autocast_enabled("cpu")
     swapped = []
     if not mixed and packs(torch.float32, torch.device("cpu")):
+        heads = _output_layers(module)
         for layer in module.modules():
             weight = getattr(layer, "weight", None)
-            if type(layer) is nn.Linear and weight.device.type == "cpu" and weight.dtype == torch.float32 \
-                    and not isinstance(weight, DTensor):
+            if type(layer) is nn.Linear and id(layer) not in heads and weight.device.type == "cpu" \
+                    and weight.dtype == torch.float32 and not isinstance(weight, DTensor):
                 layer.forward = partial(linear, weight=pack(weight), bias=layer.bias)  # shadows the class's forward
                 swapped.append(layer)
     try:
@@ -82,3 +85,17 @@ def packed_linears(module: nn.Module, autocast=nullcontext):
     finally:
         for layer in swapped:
             del layer.forward
+
+
+def _output_layers(module: nn.Module) -> set[int]:
+    """ids of the output layers (``get_output_embeddings``) of the models inside ``module``."""
+    found = set()
+    for m in module.modules():
+        if callable(getattr(type(m), "get_output_embeddings", None)):
+            try:
+                head = m.get_output_embeddings()
+            except (AttributeError, NotImplementedError):
+                continue
+            if head is not None:
+                found.add(id(head))
+    return found

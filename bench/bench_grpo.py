@@ -1,7 +1,7 @@
 """GRPO: alignkit against TRL's GRPOTrainer (and alignkit PPO on the same task), side by side in one run.
 
     .venv/bin/python bench/bench_grpo.py [--models tiny,smollm2] [--steps 3] [--beta 0.04] [--threads N]
-                                         [--skip-trl] [--skip-ppo]
+                                         [--skip-trl] [--skip-ppo] [--lora]
 
 Task (issue #4): 16 movie-review prompts (alignkit/bundled/movie_prompts_train.jsonl, plain text, no chat
 template) x 4 samples x at most 32 new tokens per step, VADER sentiment of the completion as the reward,
@@ -25,6 +25,11 @@ the sum over all steps. The header line gives alignkit GRPO's bound for the whol
 Rates are this machine's matmul rate for the precision used; on a CPU with native bf16 the fp32 runs are
 printed too. alignkit's sampler picks its own dtype (auto); the worker pins it to the run's precision through
 ALIGNKIT_BF16, so an fp32 run samples in fp32 there too.
+
+``--lora``: every arm trains a LoRA adapter instead (rank 16, alpha 32, no dropout, every linear layer of the
+blocks, lr 5e-4, as the bundled recipes do; TRL through peft), the reference being the base with the adapter
+disabled on both sides; the update's bound then counts forward + input gradients only (frozen weights get no
+gradient).
 """
 
 from __future__ import annotations
@@ -56,6 +61,7 @@ from flops import (
 
 PROMPTS = Path(__file__).resolve().parents[1] / "alignkit" / "bundled" / "movie_prompts_train.jsonl"
 PROMPTS_PER_STEP, GROUP, NEW_TOKENS, MAX_LENGTH = 16, 4, 32, 256
+LORA_R, LORA_ALPHA, LORA_LR = 16, 32, 5e-4  # --lora: the bundled recipes' adapter and learning rate
 STARTED = time.perf_counter()  # the worker process's own start (imports included, as a user's run pays them)
 
 
@@ -80,16 +86,16 @@ def metric_rows(out: Path) -> list[dict]:
     return [r for r in rows if "time/update" in r]
 
 
-def run_alignkit(path: str, steps: int, beta: float, out: Path, precision: str) -> dict:
+def run_alignkit(path: str, steps: int, beta: float, out: Path, precision: str, lora: bool = False) -> dict:
     from alignkit.algos.grpo import GRPOConfig, train
     from alignkit.config import DataConfig, ModelConfig
     from alignkit.engine import TrainConfig
     from alignkit.online import RolloutConfig
 
     cfg = GRPOConfig(
-        model=ModelConfig(model=path),
+        model=ModelConfig(model=path, lora=lora, lora_r=LORA_R, lora_alpha=LORA_ALPHA),
         data=DataConfig(data=str(PROMPTS), eval_data="", max_length=MAX_LENGTH),
-        train=TrainConfig(output_dir=str(out), lr=1e-6, batch_size=PROMPTS_PER_STEP * GROUP, grad_accum=1,
+        train=TrainConfig(output_dir=str(out), lr=LORA_LR if lora else 1e-6, batch_size=PROMPTS_PER_STEP * GROUP, grad_accum=1,
                           max_steps=steps, report_to="none", progress=False, mixed_precision=precision),
         rollout=RolloutConfig(reward="vader", prompts_per_step=PROMPTS_PER_STEP, group_size=GROUP,
                               max_new_tokens=NEW_TOKENS, eval_prompts=0),
@@ -102,10 +108,10 @@ def run_alignkit(path: str, steps: int, beta: float, out: Path, precision: str) 
             "update_s": [r["time/update"] for r in rows], "lengths": lengths, "rewards": [r["reward/mean"] for r in rows],
             "tokens": step_tokens(path, len(rows), PROMPTS_PER_STEP, cfg.train.seed, lengths, GROUP),
             # one minibatch, one pass, KL in the loss: grpo_step skips the old-logprob forward
-            "bound": {"reference": beta > 0, "old_forward": False, "epochs": 1}}
+            "bound": {"reference": beta > 0, "old_forward": False, "epochs": 1, "weight_grads": not lora}}
 
 
-def run_ppo(path: str, steps: int, out: Path, precision: str) -> dict:
+def run_ppo(path: str, steps: int, out: Path, precision: str, lora: bool = False) -> dict:
     """alignkit PPO on the same task: 64 prompts x 1 sample, value head, its default PPO epochs."""
     from alignkit.algos import ppo
     from alignkit.cli import _fields, build_config
@@ -113,7 +119,8 @@ def run_ppo(path: str, steps: int, out: Path, precision: str) -> dict:
     wanted = {"model": path, "data": str(PROMPTS), "eval_data": "", "reward": "vader", "max_new_tokens": NEW_TOKENS,
               "prompts_per_step": PROMPTS_PER_STEP * GROUP, "group_size": 1, "max_steps": steps, "output_dir": str(out),
               "report_to": "none", "progress": False, "eval_prompts": 0, "batch_size": PROMPTS_PER_STEP * GROUP,
-              "grad_accum": 1, "lr": 1e-6, "mixed_precision": precision, "max_length": MAX_LENGTH}
+              "grad_accum": 1, "lr": LORA_LR if lora else 1e-6, "mixed_precision": precision, "max_length": MAX_LENGTH,
+              "lora": lora, "lora_r": LORA_R, "lora_alpha": LORA_ALPHA}
     known = {name for name, *_ in _fields(ppo.PPOConfig)}
     cfg = build_config(ppo.PPOConfig, {k: v for k, v in wanted.items() if k in known})
     ppo.train(cfg)
@@ -123,10 +130,10 @@ def run_ppo(path: str, steps: int, out: Path, precision: str) -> dict:
             "update_s": [r["time/update"] for r in rows], "lengths": lengths, "rewards": [r["reward/mean"] for r in rows],
             "tokens": step_tokens(path, len(rows), PROMPTS_PER_STEP * GROUP, cfg.train.seed, lengths, 1),
             # old log-probs + values and the reference, recomputed before ppo_epochs passes (alignkit.algos.ppo)
-            "bound": {"reference": True, "old_forward": True, "epochs": cfg.ppo_epochs}}
+            "bound": {"reference": True, "old_forward": True, "epochs": cfg.ppo_epochs, "weight_grads": not lora}}
 
 
-def run_trl(path: str, steps: int, beta: float, out: Path, bf16: bool) -> dict:
+def run_trl(path: str, steps: int, beta: float, out: Path, bf16: bool, lora: bool = False) -> dict:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
@@ -161,13 +168,20 @@ def run_trl(path: str, steps: int, beta: float, out: Path, bf16: bool) -> dict:
 
     args = GRPOConfig(
         output_dir=str(out), per_device_train_batch_size=PROMPTS_PER_STEP * GROUP, gradient_accumulation_steps=1,
-        num_generations=GROUP, max_completion_length=NEW_TOKENS, max_steps=steps, learning_rate=1e-6, beta=beta,
+        num_generations=GROUP, max_completion_length=NEW_TOKENS, max_steps=steps,
+        learning_rate=LORA_LR if lora else 1e-6, beta=beta,
         loss_type="dapo", temperature=1.0, gradient_checkpointing=False, bf16=bf16, use_cpu=True,
         report_to="none", logging_steps=1, save_strategy="no", dataloader_num_workers=0, seed=0, disable_tqdm=True,
     )
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    peft_config = None
+    if lora:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0, target_modules="all-linear",
+                                 task_type="CAUSAL_LM")
     trainer = GRPOTrainer(model=model, reward_funcs=vader, args=args, train_dataset=dataset,
-                          processing_class=tokenizer, callbacks=[StepTimes()])
+                          processing_class=tokenizer, callbacks=[StepTimes()], peft_config=peft_config)
     generate = trainer._generate
 
     def timed_generate(*a, **kw):  # the sampling part of TRL's step, for the rollout / update split
@@ -178,32 +192,33 @@ def run_trl(path: str, steps: int, beta: float, out: Path, bf16: bool) -> dict:
 
     trainer._generate = timed_generate
     trainer.train()
-    model.save_pretrained(out / "final")
+    trainer.model.save_pretrained(out / "final")  # with --lora the adapter
     tokenizer.save_pretrained(out / "final")
     steps_s = [e - b for b, e in zip(begun, ends)]
     return {"step_ends": [t - STARTED for t in ends], "rollout_s": rollout[: len(ends)],
             "update_s": [s - r for s, r in zip(steps_s, rollout)], "tokens": tokens[: len(ends)],
             "lengths": [t["generated"] / t["rows"] for t in tokens[: len(ends)]],
             # with one generation per optimizer step TRL keeps no old log-probs (old = current, detached)
-            "bound": {"reference": beta > 0, "old_forward": False, "epochs": 1}}
+            "bound": {"reference": beta > 0, "old_forward": False, "epochs": 1, "weight_grads": not lora}}
 
 
 def worker(args: argparse.Namespace) -> None:
     # alignkit's sampler picks bf16 by itself where it is native: pin it to this run's precision
     os.environ["ALIGNKIT_BF16"] = "1" if args.precision == "bf16" else "0"
-    out = Path(args.out)
+    out, lora = Path(args.out), args.adapter == "lora"
     if args.worker == "trl":
-        result = run_trl(args.model, args.steps, args.beta, out, args.precision == "bf16")
+        result = run_trl(args.model, args.steps, args.beta, out, args.precision == "bf16", lora)
     elif args.worker == "ppo":
-        result = run_ppo(args.model, args.steps, out, args.precision)
+        result = run_ppo(args.model, args.steps, out, args.precision, lora)
     else:
-        result = run_alignkit(args.model, args.steps, args.beta, out, args.precision)
+        result = run_alignkit(args.model, args.steps, args.beta, out, args.precision, lora)
     report(result, STARTED)
 
 
-def launch(kind: str, model: str, out: Path, precision: str, steps: int, beta: float, threads: int) -> dict:
+def launch(kind: str, model: str, out: Path, precision: str, steps: int, beta: float, threads: int,
+           adapter: str = "full") -> dict:
     command = [sys.executable, __file__, "--worker", kind, "--model", model, "--out", str(out),
-               "--precision", precision, "--steps", str(steps), "--beta", str(beta)]
+               "--precision", precision, "--steps", str(steps), "--beta", str(beta), "--adapter", adapter]
     result = run_worker(command, threads)
     steady = slice(1, None) if result["steps"] >= 2 else slice(None)  # step 1 pays the warm-up
     if result["steps"] < 2:  # no step-to-step interval: the one step's own rollout + update
@@ -233,12 +248,13 @@ def main() -> None:
     parser.add_argument("--beta", type=float, default=0.04)
     parser.add_argument("--skip-trl", action="store_true")
     parser.add_argument("--skip-ppo", action="store_true")
+    parser.add_argument("--lora", action="store_true", help="every arm trains a LoRA adapter (rank 16, alpha 32)")
     parser.add_argument("--repeat", type=int, default=1,
                         help="alternate the arms this many rounds and keep each arm's fastest steady step")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads per run (0: torch's default); 1 avoids OpenMP stalls on a busy machine")
     parser.add_argument("--worker", choices=["alignkit", "trl", "ppo"], help=argparse.SUPPRESS)
-    for hidden in ("--model", "--out", "--precision"):
+    for hidden in ("--model", "--out", "--precision", "--adapter"):
         parser.add_argument(hidden, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.steps < 1:
@@ -259,7 +275,7 @@ def main() -> None:
 
                 def run(kind: str, round_: int, name=name, label=label, path=path, precision=precision) -> dict:
                     result = launch(kind, path, work / f"{kind}-{name}-{label}-{round_}", precision, args.steps,
-                                    args.beta, args.threads)
+                                    args.beta, args.threads, "lora" if args.lora else "full")
                     print(f"[{name} {label}] {kind} done: {result['total_s']:.1f} s (step {result['step_s']:.2f} s)",
                           flush=True)
                     return result
@@ -270,7 +286,7 @@ def main() -> None:
                 ours = results["alignkit"]
                 ak = bounds(ours, body, head, rate)
                 print(f"\n[{name}, {label}] {PROMPTS_PER_STEP} prompts x {GROUP} samples x <= {NEW_TOKENS} tokens, "
-                      f"beta {args.beta}, {args.steps} steps. FLOP bound of alignkit GRPO's steady step at "
+                      f"beta {args.beta}, {args.steps} steps{', LoRA r16/alpha 32' if args.lora else ''}. FLOP bound of alignkit GRPO's steady step at "
                       f"{rates[precision]:.0f} GFLOP/s: {ak['step']:.3f} s = sampling {ak['sampling']:.3f} s + "
                       f"update {ak['update']:.3f} s; all steps {ak['e2e']:.2f} s")
                 print(f"{'run':<20} {'end to end':>10} {'start-up':>9} {'step':>7} {'rollout':>8} {'update':>7} "
@@ -291,7 +307,7 @@ def main() -> None:
                     f"{k} " + " ".join(f"{t['prompt_tokens']}/{t['generated']}" for t in r["tokens"])
                     for k, r in results.items()))
                 print_rounds(results, args.repeat)
-                record("grpo", model=name, precision=label, gflops=rates[precision], **{
+                record("grpo-lora" if args.lora else "grpo", model=name, precision=label, gflops=rates[precision], **{
                     f"{k}_{f}": v for k, r in results.items() for f, v in (
                         ("e2e", r["total_s"]), ("step", r["step_s"]), ("rollout", r["rollout_med"]),
                         ("update", r["update_med"]), ("bound_step", bounds(r, body, head, rate)["step"]))})

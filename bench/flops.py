@@ -36,7 +36,8 @@ def train_flops(body: int, head: int, tokens: int, head_tokens: int, frozen_toke
 
 
 def online_step_flops(body: int, head: int, prompt_tokens: int, prompts: int, rows: int, generated: int,
-                      reference: bool = True, old_forward: bool = False, epochs: int = 1) -> tuple[float, float]:
+                      reference: bool = True, old_forward: bool = False, epochs: int = 1,
+                      weight_grads: bool = True) -> tuple[float, float]:
     """(sampling, update) FLOPs of one online-RL step (GRPO, RLOO, PPO): ``rows`` responses to ``prompts``
     distinct prompts of ``prompt_tokens`` tokens in all (each prompt counted once, see ``distinct_prompt_tokens``),
     ``generated`` response tokens in all (EOS included).
@@ -51,14 +52,16 @@ def online_step_flops(body: int, head: int, prompt_tokens: int, prompts: int, ro
         policy forward + backward per pass over the rollout, and forward-only passes for the reference
         (β > 0) and the "old" log-probs (when the trainer recomputes them), each over S = P + G − B body
         positions (the prompt once per group, as alignkit.logprobs.backbone_hidden shares it; a row's last
-        token predicts nothing) with the head at the G positions whose next token is a response token.
+        token predicts nothing) with the head at the G positions whose next token is a response token. Without
+        ``weight_grads`` (LoRA: the weights are frozen) a forward + backward costs 4 instead of 6 per weight and token.
 
     Hand check: body 10, head 100, one 3-token prompt, 2 rows of 2 tokens each (G = 4), reference, 1 epoch:
     sampling = 2·(10·3 + 100·1) + 2·110·(4 − 2) = 700; S = 3 + 4 − 2 = 5, update = 8·(10·5 + 100·4) = 3600.
     """
     sampling = 2.0 * (body * prompt_tokens + head * prompts) + 2.0 * (body + head) * (generated - rows)
     seen = prompt_tokens + generated - rows
-    update = (6.0 * epochs + 2.0 * (int(reference) + int(old_forward))) * (body * seen + head * generated)
+    train = 6.0 if weight_grads else 4.0
+    update = (train * epochs + 2.0 * (int(reference) + int(old_forward))) * (body * seen + head * generated)
     return sampling, update
 
 

@@ -164,7 +164,7 @@ def test_fused_head_under_bf16_autocast_runs_its_matmuls_in_bf16():
 def test_packed_linears_give_the_plain_logprobs_and_restore_the_layers(lora):
     """DPO's and KTO's reference precompute multiply by weights packed once (``packing.packed_linears``): the same log-probs
     as the plain layers (fp32 rounding), every projection of the backbone swapped inside the block (a LoRA model's
-    base layers too), the layers' own forward back afterwards, and autograd untouched outside."""
+    base layers too) but not the LM head, the layers' own forward back afterwards, and autograd untouched outside."""
     from alignkit.logprobs import token_logprobs
     from alignkit.models import LoraSettings, add_lora, tiny_causal_lm
 
@@ -181,6 +181,8 @@ def test_packed_linears_give_the_plain_logprobs_and_restore_the_layers(lora):
     torch.testing.assert_close(packed, plain, atol=1e-5, rtol=0)
     if packing.packs(torch.float32, torch.device("cpu")):
         assert len(swapped) >= 2 * 7  # q, k, v, o, gate, up, down in each block
+        # the output layer is not: the log-probs pack its weight themselves (a copy would only take memory)
+        assert all(m is not model.get_output_embeddings() for m in swapped)
     assert not any("forward" in vars(m) for m in model.modules())
     token_logprobs(model, ids, target).sum().backward()  # the plain layers again
     with packing.packed_linears(model, lambda: torch.autocast("cpu", dtype=torch.bfloat16)):  # a mixed-precision pass
