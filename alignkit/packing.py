@@ -9,9 +9,11 @@ AVX2 EPYC, fp32: SmolLM2's 576 -> 1536 projection at 8 rows 1.4-1.8x faster pack
 rows 73-126 GFLOP/s plain (by operand order and row count) against 149-151 packed, where a 1,024 square matmul
 runs at 122-132 either way. Packing the head costs ~25 ms (one read and one write of its 113 MB).
 
-A third: ``packed_linears``, around no-grad passes over weights that stay fixed for the whole pass (DPO's reference
-precompute), packs every linear layer once; SmolLM2's backbone forward over 12 x 256 tokens took 5.6-5.7 s instead
-of 6.3-6.7 s (1.12-1.19x, three interleaved rounds; packing all its layers 0.19 s).
+A third: ``packed_linears``, around no-grad passes over weights that stay fixed for the whole pass (DPO's and KTO's
+reference precompute; both sides of an evaluation's KL, ``online.with_policy_logprobs``), packs every linear layer
+once; SmolLM2's backbone forward over 12 x 256 tokens took 5.6-5.7 s instead of 6.3-6.7 s (1.12-1.19x, three
+interleaved rounds; packing all its layers 0.19 s). Not the training-time reference of PPO/GRPO: its log-probs are
+set against the training forward's, on plain weights, and must equal them exactly while the policy is unchanged.
 
 ``ALIGNKIT_PACKED_WEIGHTS=0`` turns packing off everywhere (plain weights, torch's GEMM).
 """
