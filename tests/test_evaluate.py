@@ -122,7 +122,7 @@ def test_kl_passes_multiply_by_packed_weights_on_both_sides(tiny_model_dir, lora
     rows = prompts_of(DataConfig(data=prompts, max_length=32), tokenizer)
     scored = rollout_and_score(model, tokenizer, rows, load_reward("length:6"), SamplingConfig(max_new_tokens=8), 3,
                                torch.Generator().manual_seed(0))
-    both = policy_and_reference(model, "", 1.0)
+    both = policy_and_reference(model, "", 1.0, batch_size=64)
     with Products():
         policy, reference = both(scored.rollout)
     assert Products.plain == 0 and Products.packed > 0  # every product of both passes packed
@@ -137,3 +137,18 @@ def test_kl_passes_multiply_by_packed_weights_on_both_sides(tiny_model_dir, lora
                 p.zero_()
     policy, reference = both(scored.rollout)
     assert torch.equal(policy, reference)
+
+
+def test_kl_chunks_hold_about_4096_positions_between_16_and_64_rows():
+    from types import SimpleNamespace
+
+    from alignkit.evaluate import kl_chunk_rows
+
+    def prompts(*lengths):
+        return [SimpleNamespace(prompt_ids=[0] * n) for n in lengths]
+
+    assert kl_chunk_rows(prompts(21, 18), 24) == 64  # the quick start: 45-token rows
+    assert kl_chunk_rows(prompts(40), 24) == 64  # 4096 // 64
+    assert kl_chunk_rows(prompts(100, 28), 28) == 32  # 4096 // 128
+    assert kl_chunk_rows(prompts(300), 300) == 16  # long rows: never fewer than 16
+
