@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 from flops import (
     arm_arguments,
+    arm_figures,
     machine_rates,
     model_path,
     print_rounds,
@@ -219,7 +220,7 @@ def main() -> None:
             print_rounds(results, args.repeat)
             record("dpo-lora" if args.lora else "dpo", model=name, precision=label, gflops=rates[precision],
                    bound_step=bound["step"], bound_step_shared=bound["step_shared"], bound_epoch=bound["epoch"],
-                   **{f"{k.replace('-', '_')}_{f}": r[v] for k, r in results.items() for f, v in (("e2e", "total_s"), ("step", "step_s"))})
+                   **arm_figures(results))
             losses = {kind: dpo_loss_on(r["out"] / "final", path, data) for kind, r in results.items()}
             print("DPO loss on the pairs after one epoch (start 0.6931): "
                   + ", ".join(f"{k} {v:.4f}" for k, v in losses.items()), flush=True)

@@ -32,6 +32,7 @@ import torch
 from bench_dpo import make_pairs
 from flops import (
     arm_arguments,
+    arm_figures,
     linear_params,
     machine_rates,
     model_path,
@@ -173,8 +174,7 @@ def main() -> None:
                       f"{r['cpu_s']:6.0f}s {r['load']:5.1f} {r['total_s'] / ours['total_s']:10.2f}x")
             print_rounds(results, args.repeat)
             record("kto", model=name, precision=label, gflops=rates[precision], bound_step=step, bound_epoch=epoch,
-                   **{f"{k.replace('-', '_')}_{f}": r[v] for k, r in results.items()
-                      for f, v in (("e2e", "total_s"), ("step", "step_s"))})
+                   **arm_figures(results))
             accuracy = {kind: reward_accuracy(r["out"] / "final", path, data) for kind, r in results.items()}
             print("implicit-reward accuracy (AUC, desirable vs undesirable) after the epoch: "
                   + ", ".join(f"{k} {v:.3f}" for k, v in accuracy.items()), flush=True)

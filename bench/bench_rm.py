@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 import torch
-from flops import alternate, machine_rates, record, refresh_rates, run_worker
+from flops import alternate, arm_figures, machine_rates, record, refresh_rates, run_worker
 
 LR = 1e-5
 MAX_LENGTH = 128
@@ -240,8 +240,8 @@ def main() -> None:
                 print(f"fastest of {args.repeat} alternating runs per arm; steps of every round: " + "; ".join(
                     f"{k} " + " ".join(f"{s:.2f}" for s in r["step_s_all"]) for k, r in results.items()))
             record("rm", model=name, precision=label, gflops=rates[precision], bound_step=bound / steps,
-                   bound_epoch=bound, **{f"{k.replace('-', '_')}_{f}": r[v] for k, r in results.items()
-                                         for f, v in (("e2e", "process_s"), ("step", "step_s"), ("train", "train_s"))})
+                   bound_epoch=bound,
+                   **arm_figures(results, (("e2e", "process_s"), ("step", "step_s"), ("train", "train_s"))))
             for kind in [k for k in results if k != "alignkit"]:
                 theirs = results[kind]["losses"]
                 diff = max(abs(a - b) for a, b in zip(ours["losses"], theirs, strict=True))

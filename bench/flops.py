@@ -183,6 +183,12 @@ def record(bench: str, **values) -> None:
             f.write(json.dumps({"bench": bench, **machine, **values}) + "\n")
 
 
+def arm_figures(results: dict[str, dict], fields=(("e2e", "total_s"), ("step", "step_s"))) -> dict[str, float]:
+    """Each arm's figures for ``record``, named ``{arm}_{field}`` (``alignkit_padded_step`` for the arm
+    ``alignkit-padded``'s ``step_s``), the names ``bench/targets.py`` reads."""
+    return {f"{kind.replace('-', '_')}_{name}": r[key] for kind, r in results.items() for name, key in fields}
+
+
 def cpu_name() -> str:
     """The CPU's model name from /proc/cpuinfo ("" where there is none)."""
     try:
