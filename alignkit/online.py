@@ -18,7 +18,7 @@ from torch.distributed.tensor import DTensor
 
 from alignkit.config import DataConfig, OptionError, above, arg, at_least, between, world_size
 from alignkit.data import PromptExample, prompt_example, read_examples
-from alignkit.data.collate import pack_prompt_groups, plan_rows
+from alignkit.data.collate import attention_pair_cost, pack_prompt_groups, plan_rows
 from alignkit.generation import BUILTIN, make_sampler
 from alignkit.logprobs import LogprobModel, can_pack, causal_lm
 from alignkit.models import adapter_disabled, load_model
@@ -352,27 +352,15 @@ def rollout_groups(rollout: Rollout) -> list[tuple[list[int], list[list[int]]]]:
     return groups
 
 
-# Attention over a block-masked packed row costs SDPA every (query, key) pair of the row, each pair ~2x its FLOPs
-# in position-equivalents (SmolLM2-135M, 1 thread: 6.8e-4 positions per pair where the FLOP ratio gives 3.2e-4).
-ATTENTION_EFFICIENCY = 2.1
-PACKED_WIDTHS = (128, 256, 512)
-
-
 def packed_rollout(rollout: Rollout, config) -> dict[str, torch.Tensor] | None:
     """The padding-free layout (``pack_prompt_groups``) of a rollout when it is estimated cheaper than the padded
-    one, else None. Estimated cost = positions + α·(query, key) pairs that attention computes, with α the
-    attention FLOPs of a pair over the projection FLOPs of a position (from ``config``) times
-    ATTENTION_EFFICIENCY. Padded: each distinct prompt once (its square), then every row to the longest response,
-    attending to its prompt and itself. Packed: rows x width, every pair of a row; candidates share each prompt
-    across its responses or give each response its own copy, at PACKED_WIDTHS. Rows nearly all at the cap keep
-    the padded layout (SmolLM2, 16 x 4 responses of <= 32 tokens: padded 2,336 positions, the best packing 2,304
-    with 3x the pairs); responses that end anywhere pack (of <= 128 tokens, mean 61: 8,480 padded positions,
-    5,291 packed)."""
-    heads, width = config.num_attention_heads, config.hidden_size
-    head_dim = getattr(config, "head_dim", None) or width // heads
-    kv = getattr(config, "num_key_value_heads", None) or heads
-    per_position = 2 * (2 * width * heads * head_dim + 2 * width * kv * head_dim + 3 * width * config.intermediate_size)
-    alpha = ATTENTION_EFFICIENCY * 4 * heads * head_dim / per_position
+    one, else None. Estimated cost = positions + α·(query, key) pairs that attention computes, α =
+    ``attention_pair_cost(config)``. Padded: each distinct prompt once (its square), then every row to the longest
+    response, attending to its prompt and itself. Packed: the rows ``plan_rows`` finds cheapest, with each prompt
+    shared across its responses or copied to each. Rows nearly all at the cap keep the padded layout (SmolLM2, 16 x
+    4 responses of 32 tokens after 14-token prompts: padded 2,272 positions, no packing fewer, all more pairs);
+    responses that end anywhere pack (1-128 tokens, mean 66: 8,416 padded positions, 5,336 packed in 29 rows)."""
+    alpha = attention_pair_cost(config)
     groups = rollout_groups(rollout)
     # from the masks, not the tensors' widths: trimmed and untrimmed copies of the same rows choose alike
     prompt_width, longest = int(rollout.prompt_mask.sum(-1).max()), int(rollout.response_mask.sum(-1).max())
@@ -383,12 +371,11 @@ def packed_rollout(rollout: Rollout, config) -> dict[str, torch.Tensor] | None:
     shared = [len(prompt) + sum(map(len, responses)) for prompt, responses in groups]
     copied = [len(prompt) + len(response) for prompt, responses in groups for response in responses]
     for share, sizes in ((True, shared), (False, copied)):
-        for packed_width in PACKED_WIDTHS:
-            planned, length = plan_rows(sizes, packed_width)
-            cost = len(planned) * length * (1 + alpha * length)
-            if cost < best:
-                best, chosen = cost, (share, packed_width)
-    return None if chosen is None else pack_prompt_groups(groups, pad_id=0, share_prompt=chosen[0], width=chosen[1])
+        planned, length = plan_rows(sizes, alpha)
+        cost = len(planned) * length * (1 + alpha * length)
+        if cost < best:
+            best, chosen = cost, share
+    return None if chosen is None else pack_prompt_groups(groups, pad_id=0, share_prompt=chosen, pair_cost=alpha)
 
 
 def packed_layout(model, rollout: Rollout, packing: bool) -> dict[str, torch.Tensor] | None:

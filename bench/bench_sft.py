@@ -5,7 +5,7 @@
 Workload: the first ``--examples`` conversations of bundled:instructions_train as prompt (the user turn) and
 completion (the assistant turn), both message lists, so each side renders SmolLM2's chat template and takes the loss
 on the completion only; batch 8, max length 256, one epoch, lr 2e-5 linear, full fine-tune. Four arms, each in its
-own process (its peak RSS is its own): alignkit padding-free (its default: a batch's examples share one row, no
+own process (its peak RSS is its own): alignkit padding-free (its default: a batch's examples share a few rows, little
 padding), alignkit ``--no-padding-free`` (one right-padded row per example), TRL with ``padding_free=True`` (the
 batch flattened into one row with restarting position ids, which transformers turns into a block-causal SDPA mask)
 and TRL padded; TRL without gradient checkpointing, bf16 only where the CPU has native bf16 (as alignkit's auto).

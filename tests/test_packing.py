@@ -13,7 +13,7 @@ from conftest import write_jsonl
 from alignkit.algos import dpo, rm
 from alignkit.config import DataConfig, ModelConfig
 from alignkit.data import PreferenceExample
-from alignkit.data.collate import pack_prompt_groups
+from alignkit.data.collate import PAIR_COST, pack_prompt_groups, plan_rows
 from alignkit.engine import TrainConfig
 from alignkit.logprobs import LogprobModel, token_logprobs
 from alignkit.models import tiny_causal_lm
@@ -23,7 +23,7 @@ def test_layout_by_hand():
     """Prompt [11, 12] with answers [13] and [14, 15], then an empty prompt with answer [16, 17]: positions,
     who predicts whom (the prompt's last token predicts both answers' first tokens; nothing predicts the first
     token after an empty prompt) and what each token sees."""
-    batch = pack_prompt_groups([([11, 12], [[13], [14, 15]]), ([], [[16, 17]])], pad_id=0, width=64)
+    batch = pack_prompt_groups([([11, 12], [[13], [14, 15]]), ([], [[16, 17]])], pad_id=0, pair_cost=0.0)
     assert batch["input_ids"].tolist() == [[11, 12, 13, 14, 15, 16, 17]]
     assert batch["position_ids"].tolist() == [[0, 1, 2, 2, 3, 0, 1]]
     assert batch["last"].tolist() == [2, 4, 6]
@@ -40,8 +40,10 @@ def test_layout_by_hand():
         [0, 0, 0, 0, 0, 1, 0],  # another group: nothing of the first
         [0, 0, 0, 0, 0, 1, 1],
     ]
-    # without sharing, each answer carries its own prompt copy; 9 tokens in ceil(9 / 5) = 2 balanced rows (4, 5)
-    plain = pack_prompt_groups([([11, 12], [[13], [14, 15]]), ([], [[16, 17]])], pad_id=0, share_prompt=False, width=5)
+    # without sharing, each answer carries its own prompt copy: units of 3, 4 and 2 tokens; at 0.1 per attention
+    # pair two rows (4 | 3 + 2) cost 2·5·1.5 = 15 against one row's 9·1.9 = 17.1 and three rows' 3·4·1.4 = 16.8
+    plain = pack_prompt_groups([([11, 12], [[13], [14, 15]]), ([], [[16, 17]])], pad_id=0, share_prompt=False,
+                               pair_cost=0.1)
     assert plain["input_ids"].shape == (2, 5)
     assert sorted(plain["lengths"].tolist()) == [1, 2, 2]
 
@@ -64,15 +66,15 @@ def _pair_run(model, batch, weights):
     return logps.detach(), lengths, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("width", [256, 16])  # one row; many rows
-def test_dpo_packed_logprobs_and_gradients_equal_the_padded_forward(width, monkeypatch):
+@pytest.mark.parametrize("pair_cost", [PAIR_COST, 0.2])  # one row; many rows
+def test_dpo_packed_logprobs_and_gradients_equal_the_padded_forward(pair_cost):
     model, _ = tiny_causal_lm(num_layers=2, hidden_size=64)
     model.eval()
-    items = [(e, 0.0, 0.0) for e in _examples(7, seed=width)]
+    items = [(e, 0.0, 0.0) for e in _examples(7, seed=int(pair_cost * 1000))]
     weights = torch.randn(14)
     padded = _pair_run(model, dpo.collate_pairs(items, pad_id=0), weights)
-    monkeypatch.setattr("alignkit.data.collate.PACK_WIDTH", width)
-    batch = dpo.collate_pairs(items, pad_id=0, pack=True)
+    batch = dpo.collate_pairs(items, pad_id=0, pack=True, pair_cost=pair_cost)
+    assert (batch["input_ids"].shape[0] == 1) == (pair_cost == PAIR_COST)
     longest = max(len(e.prompt_ids) + max(len(e.chosen_ids), len(e.rejected_ids)) for e, _, _ in items)
     assert batch["input_ids"].numel() < 14 * longest  # fewer positions than the padded rows
     packed = _pair_run(model, batch, weights)
@@ -88,7 +90,8 @@ def test_unshared_packing_equals_padded_token_logprobs():
     model, _ = tiny_causal_lm(num_layers=2, hidden_size=64)
     examples = _examples(5, seed=3)
     groups = [(e.prompt_ids, [e.chosen_ids, e.rejected_ids]) for e in examples]
-    batch = pack_prompt_groups(groups, pad_id=0, share_prompt=False, width=40)
+    batch = pack_prompt_groups(groups, pad_id=0, share_prompt=False, pair_cost=0.05)
+    assert batch["input_ids"].shape[0] > 1
     with torch.no_grad():
         got = token_logprobs(model, batch["input_ids"], None, batch["attention_mask"], batch["position_ids"],
                              at=(batch["target_index"], batch["source_index"]))
@@ -168,7 +171,22 @@ def test_dpo_training_with_and_without_packing_logs_the_same_losses(tiny_model_d
                 assert a[k] == pytest.approx(b[k], abs=2e-4), (k, a, b)
 
 
-def test_sft_padding_free_loss_and_gradients_equal_the_padded_batch():
+def test_plan_rows_picks_the_cheapest_row_count_by_hand():
+    """Units of 30, 17, 12, 9 and 4 tokens, cost k·L·(1 + c·L): without attention cost one row (72 positions); at
+    c = 0.02 two rows, 30 + 4 | 17 + 12 + 9 (L = 38: 76·1.76 = 133.8, against one row's 72·2.44 = 175.7 and three
+    rows' 90·1.6 = 144); at c = 1 three rows, 30 | 17 + 4 | 12 + 9 (L = 30: 2,790, against two rows' 2,964)."""
+    sizes = [30, 17, 12, 9, 4]
+    assert plan_rows(sizes, 0.0) == ([[0, 1, 2, 3, 4]], 72)
+    assert plan_rows(sizes, 0.02) == ([[0, 4], [1, 2, 3]], 38)
+    assert plan_rows(sizes, 1.0) == ([[0], [1, 4], [2, 3]], 30)
+    assert plan_rows([], 1.0) == ([[]], 0)
+    # the bundled model's own price: SFT micro-batches of 8 conversations of 50-150 tokens go in 3-5 rows
+    rows, length = plan_rows([61, 78, 103, 93, 72, 90, 73, 90], PAIR_COST)
+    assert len(rows) == 4 and length == 168
+
+
+@pytest.mark.parametrize("pair_cost", [PAIR_COST, 1.0])  # one row; three rows
+def test_sft_padding_free_loss_and_gradients_equal_the_padded_batch(pair_cost):
     """SFT's default layout (the micro-batch's own examples in shared rows, positions restarting) gives the padded
     batch's summed NLL and gradients."""
     from alignkit.algos import sft
@@ -188,7 +206,8 @@ def test_sft_padding_free_loss_and_gradients_equal_the_padded_batch():
         loss.backward()
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
-    padded_batch, free_batch = pad_sft(examples, 0), collate_padding_free(examples, 0)
+    padded_batch, free_batch = pad_sft(examples, 0), collate_padding_free(examples, 0, pair_cost)
+    assert free_batch["input_ids"].shape == ((1, 72) if pair_cost == PAIR_COST else (3, 30))
     assert free_batch["input_ids"].numel() < padded_batch["input_ids"].numel()
     assert sft.count_targets(free_batch) == sft.count_targets(padded_batch)
     padded, free = run(padded_batch), run(free_batch)
@@ -220,19 +239,18 @@ def _rollout(seed: int):
                    torch.zeros(len(rows), dtype=torch.bool))
 
 
-@pytest.mark.parametrize("width", [256, 8])  # one row; many rows
-def test_rollout_packed_logprobs_and_gradients_equal_the_padded_forward(width, monkeypatch):
+def test_rollout_packed_logprobs_and_gradients_equal_the_padded_forward():
     """GRPO's log-prob passes (``online.response_logprobs``): the padding-free layout gives the padded layout's
     per-token log-probs (0 on padding) and gradients, at a sampling temperature; the groups are found from the
     rows, and shuffled rows (no two neighbours sharing a prompt) work too."""
     from alignkit.online import packed_rollout, response_logprobs, rollout_groups, rows
 
     model, _ = tiny_causal_lm(num_layers=2, hidden_size=64)
-    rollout = _rollout(seed=width)
+    rollout = _rollout(seed=0)
     assert [(len(p), [len(r) for r in rs]) for p, rs in rollout_groups(rollout)] == [(7, [9, 1, 5]), (2, [3]), (4, [8, 2])]
-    assert packed_rollout(rollout, model.config) is not None  # short responses beside long ones: packing is cheaper
+    # short responses beside long ones: packing is cheaper; groups of 22, 5 and 14 tokens in two rows (22 | 14 + 5)
+    assert packed_rollout(rollout, model.config)["input_ids"].shape == (2, 22)
     weights = torch.randn(rollout.response_ids.shape)
-    monkeypatch.setattr("alignkit.data.collate.PACK_WIDTH", width)
 
     def run(part, packing):
         model.zero_grad()

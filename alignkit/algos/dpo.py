@@ -39,7 +39,7 @@ from alignkit.config import (
     need_data,
 )
 from alignkit.data import DataError, PreferenceExample, preference_example, read_examples
-from alignkit.data.collate import pack_prompt_groups, pad_prompt_completions
+from alignkit.data.collate import PAIR_COST, attention_pair_cost, pack_prompt_groups, pad_prompt_completions
 from alignkit.engine import Engine, TrainConfig, default_threads, distributed_state, total_steps_for
 from alignkit.logprobs import LogprobModel, can_pack
 from alignkit.models import adapter_disabled, load_model
@@ -127,12 +127,13 @@ def make_objective(cfg: DPOConfig) -> Callable[[PairLogps], tuple[torch.Tensor, 
 
 
 def collate_pairs(items: list[tuple[PreferenceExample, float, float]], pad_id: int,
-                  pack: bool = False) -> dict[str, torch.Tensor]:
+                  pack: bool = False, pair_cost: float = PAIR_COST) -> dict[str, torch.Tensor]:
     """Padded: chosen rows then rejected rows, right-padded: (2B, L) input_ids / attention_mask / target_mask.
-    Packed: ``pack_prompt_groups``'s padding-free rows, each prompt once, with the B chosen answers numbered
+    Packed: ``pack_prompt_groups``'s padding-free rows (planned with the model's ``pair_cost``), each prompt once, with the B chosen answers numbered
     before the B rejected ones (``target_index`` / ``source_index`` / ``response_index``, ``lengths`` (2B,))."""
     if pack:
-        batch = pack_prompt_groups([(e.prompt_ids, [e.chosen_ids, e.rejected_ids]) for e, _, _ in items], pad_id)
+        batch = pack_prompt_groups([(e.prompt_ids, [e.chosen_ids, e.rejected_ids]) for e, _, _ in items], pad_id,
+                                   pair_cost=pair_cost)
         b = len(items)
         batch["response_index"] = (batch["response_index"] % 2) * b + batch["response_index"] // 2  # (c0, r0, ..) -> (c.., r..)
         batch["lengths"] = batch["lengths"].view(b, 2).t().reshape(-1)
@@ -169,7 +170,8 @@ def _split(logps: torch.Tensor, lengths: torch.Tensor, batch: dict) -> PairLogps
 
 @torch.no_grad()
 def reference_logps(module, examples: list[PreferenceExample], pad_id: int, autocast, batch_size: int = 16,
-                    adapter_off=nullcontext, device: torch.device | None = None, pack: bool = False) -> list[tuple[PreferenceExample, float, float]]:
+                    adapter_off=nullcontext, device: torch.device | None = None, pack: bool = False,
+                    pair_cost: float = PAIR_COST) -> list[tuple[PreferenceExample, float, float]]:
     """(example, ref chosen log-prob, ref rejected log-prob) for every example, in one no-grad pass of
     ``module`` (a LogprobModel, or the sharded training module under FSDP: every process then passes all examples,
     so the gathers pair up), inside ``adapter_off()`` (the LoRA reference)."""
@@ -180,7 +182,7 @@ def reference_logps(module, examples: list[PreferenceExample], pad_id: int, auto
     with adapter_off(), (packing.packed_linears(module, autocast) if examples else nullcontext()):
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            batch = send_to_device(collate_pairs([(examples[i], 0.0, 0.0) for i in idx], pad_id, pack), device)
+            batch = send_to_device(collate_pairs([(examples[i], 0.0, 0.0) for i in idx], pad_id, pack, pair_cost), device)
             with autocast():
                 logps, _ = pair_logps(module, batch)
             b = len(idx)
@@ -224,14 +226,15 @@ def train(cfg: DPOConfig) -> Path:
         raise ValueError("--no-precompute-ref with full fine-tuning needs --reference MODEL (no second copy is made)")
     zeros = [(e, 0.0, 0.0) for e in eval_examples]
     pack = cfg.packing and can_pack(model) and (ref_model is None or can_pack(ref_model))
+    pair_cost = attention_pair_cost(model.config) if pack else PAIR_COST
     if needs_ref:
         # computed before resume() can load trained weights, so the reference is always the initial policy
         with engine.inference():
             train_items = reference_logps(ref_module, examples, pad_id, engine.autocast, adapter_off=adapter_off,
-                                          device=engine.device, pack=pack) \
+                                          device=engine.device, pack=pack, pair_cost=pair_cost) \
                 if cfg.precompute_ref else [(e, 0.0, 0.0) for e in examples]
             eval_items = reference_logps(ref_module, eval_examples, pad_id, engine.autocast, adapter_off=adapter_off,
-                                         device=engine.device, pack=pack)
+                                         device=engine.device, pack=pack, pair_cost=pair_cost)
     else:
         train_items, eval_items = [(e, 0.0, 0.0) for e in examples], zeros
 
@@ -256,7 +259,7 @@ def train(cfg: DPOConfig) -> Path:
     def _evaluate() -> dict[str, float]:
         totals: dict[str, float] = {}
         for start in range(0, len(eval_items), 16):
-            batch = engine.to_device(collate_pairs(eval_items[start : start + 16], pad_id, pack))
+            batch = engine.to_device(collate_pairs(eval_items[start : start + 16], pad_id, pack, pair_cost))
             with engine.autocast():
                 logps, lengths = pair_logps(policy, batch)
             per_pair, metrics = objective(_split(logps, lengths, batch))
@@ -265,7 +268,7 @@ def train(cfg: DPOConfig) -> Path:
                 totals[k] = totals.get(k, 0.0) + float(v) * n
         return {f"eval/{k}": v / len(eval_items) for k, v in totals.items()}
 
-    collate = partial(collate_pairs, pad_id=pad_id, pack=pack)
+    collate = partial(collate_pairs, pad_id=pad_id, pack=pack, pair_cost=pair_cost)
     report = evaluate if eval_items else None
     if report is not None and not cfg.train.resume:
         engine.log(report(), step=0)

@@ -50,7 +50,7 @@ from alignkit.config import (
     need_data,
 )
 from alignkit.data import UnpairedExample, read_examples, unpaired_example
-from alignkit.data.collate import pack_prompt_groups, pad_prompt_completions
+from alignkit.data.collate import PAIR_COST, attention_pair_cost, pack_prompt_groups, pad_prompt_completions
 from alignkit.engine import Engine, TrainConfig, default_threads, distributed_state, total_steps_for
 from alignkit.logprobs import LogprobModel, can_pack
 from alignkit.models import adapter_disabled, load_model
@@ -90,9 +90,11 @@ def mismatched_completions(examples: list[UnpairedExample], seed: int, max_lengt
     return [examples[partner[i]].completion_ids[: max(1, max_length - len(e.prompt_ids))] for i, e in enumerate(examples)]
 
 
-def collate_unpaired(items: list[Item], pad_id: int, pack: bool = False, shared: bool = False) -> dict:
+def collate_unpaired(items: list[Item], pad_id: int, pack: bool = False, shared: bool = False,
+                     pair_cost: float = PAIR_COST) -> dict:
     """Padded: labelled rows then mismatched rows, right-padded: (2B, L) input_ids / attention_mask / target_mask.
-    Packed: ``labelled`` and ``mismatched``, each ``pack_prompt_groups``'s padding-free rows of its B sequences;
+    Packed: ``labelled`` and ``mismatched``, each ``pack_prompt_groups``'s padding-free rows of its B sequences
+    (planned with the model's ``pair_cost``);
     with ``shared`` instead one ``shared`` part where each prompt appears once, followed by its completion and its
     mismatched completion (for the no-grad passes that want both: the prompt's work is done once, not twice)."""
     ref = torch.tensor([[r, r_kl] for _, _, r, r_kl in items], dtype=torch.float32)
@@ -104,7 +106,7 @@ def collate_unpaired(items: list[Item], pad_id: int, pack: bool = False, shared:
             {name: [(prompt, [completion]) for prompt, completion in rows]
              for name, rows in (("labelled", labelled), ("mismatched", mismatched))}
         for name, groups in parts.items():
-            batch[name] = pack_prompt_groups(groups, pad_id)
+            batch[name] = pack_prompt_groups(groups, pad_id, pair_cost=pair_cost)
             del batch[name]["last"]
         return batch
     input_ids, attention_mask, target_mask = pad_prompt_completions(labelled + mismatched, pad_id)
@@ -162,7 +164,8 @@ def implicit_reward_accuracy(rewards: torch.Tensor, desirable: torch.Tensor) -> 
 
 @torch.no_grad()
 def reference_logps(module, items: list[Item], pad_id: int, autocast, batch_size: int = 16,
-                    adapter_off=nullcontext, device: torch.device | None = None, pack: bool = False) -> list[Item]:
+                    adapter_off=nullcontext, device: torch.device | None = None, pack: bool = False,
+                    pair_cost: float = PAIR_COST) -> list[Item]:
     """Items with the reference log-probs of the labelled and the mismatched pair filled in, in one pass of
     ``module`` (a LogprobModel, or the sharded training module under FSDP) inside ``adapter_off()``."""
     order = sorted(range(len(items)), key=lambda i: len(items[i][0].prompt_ids) + len(items[i][0].completion_ids))
@@ -172,7 +175,7 @@ def reference_logps(module, items: list[Item], pad_id: int, autocast, batch_size
     with adapter_off(), (packing.packed_linears(module, autocast) if items else nullcontext()):
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            batch = send_to_device(collate_unpaired([items[i] for i in idx], pad_id, pack, shared=True), device)
+            batch = send_to_device(collate_unpaired([items[i] for i in idx], pad_id, pack, shared=True, pair_cost=pair_cost), device)
             with autocast():
                 logps = completion_logps(module, batch)
             b = len(idx)
@@ -221,6 +224,7 @@ def train(cfg: KTOConfig) -> Path:
     if note and engine.is_main:
         print(note, file=sys.stderr)
     pack = cfg.packing and can_pack(model) and (ref_model is None or can_pack(ref_model))
+    pair_cost = attention_pair_cost(model.config) if pack else PAIR_COST
     # no-grad passes of the policy go through the sharded module under FSDP; a separate reference is sharded too
     policy = engine.no_grad_module(LogprobModel(model))
     ref_module = engine.frozen(LogprobModel(ref_model)) if ref_model is not None else policy
@@ -231,9 +235,9 @@ def train(cfg: KTOConfig) -> Path:
     # computed before resume() can load trained weights, so the reference is always the initial policy
     with engine.inference():
         train_items = reference_logps(ref_module, items, pad_id, engine.autocast, adapter_off=adapter_off,
-                                      device=engine.device, pack=pack) if cfg.precompute_ref else items
+                                      device=engine.device, pack=pack, pair_cost=pair_cost) if cfg.precompute_ref else items
         eval_items = reference_logps(ref_module, eval_items, pad_id, engine.autocast, adapter_off=adapter_off,
-                                     device=engine.device, pack=pack)
+                                     device=engine.device, pack=pack, pair_cost=pair_cost)
 
     def live_reference(batch: dict) -> None:
         with torch.no_grad(), adapter_off():
@@ -265,7 +269,7 @@ def train(cfg: KTOConfig) -> Path:
         # z0 and the losses over the whole held-out set at once, so its value does not depend on batching
         logps, kl_logps = [], []
         for start in range(0, len(eval_items), 16):
-            batch = engine.to_device(collate_unpaired(eval_items[start : start + 16], pad_id, pack, shared=True))
+            batch = engine.to_device(collate_unpaired(eval_items[start : start + 16], pad_id, pack, shared=True, pair_cost=pair_cost))
             with engine.autocast():
                 both = completion_logps(policy, batch)
             b = both.shape[0] // 2
@@ -280,7 +284,7 @@ def train(cfg: KTOConfig) -> Path:
         scores = {"loss": per_example.mean(), **metrics, "rewards/accuracies": accuracy}
         return {f"eval/{k}": float(v) for k, v in scores.items()}
 
-    collate = partial(collate_unpaired, pad_id=pad_id, pack=pack)
+    collate = partial(collate_unpaired, pad_id=pad_id, pack=pack, pair_cost=pair_cost)
     engine.derived_metrics["rewards/margins"] = lambda logs: logs["rewards/chosen"] - logs["rewards/rejected"]
     report = evaluate if eval_items else None
     if report is not None and not cfg.train.resume:

@@ -37,7 +37,7 @@ from alignkit.data import (
     ranked_example,
     read_examples,
 )
-from alignkit.data.collate import pack_prompt_groups
+from alignkit.data.collate import PAIR_COST, attention_pair_cost, pack_prompt_groups
 from alignkit.data.examples import split_implicit_prompt, split_prompt_turns
 from alignkit.data.records import Record
 from alignkit.engine import Engine, TrainConfig, default_threads, distributed_state, total_steps_for
@@ -225,13 +225,14 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _layout(groups: list[tuple[list[int], list[list[int]]]], pad_id: int, pack: bool) -> dict[str, torch.Tensor]:
+def _layout(groups: list[tuple[list[int], list[list[int]]]], pad_id: int, pack: bool,
+            pair_cost: float = PAIR_COST) -> dict[str, torch.Tensor]:
     """Rows of tokens for ``groups`` of (prompt, responses), and ``last``: the flat index, in the (R·L) positions,
     of each response's last token, group by group.
 
     Padded: one prompt + response per row, right-padded, with a (R, L) attention mask: what any model accepts.
     Packed (``alignkit.data.collate.pack_prompt_groups``): a prompt appears once, followed by all its responses,
-    and several such groups share a row; a (R, 1, L, L) boolean block mask keeps every response exactly as if it
+    and several such groups share a row (as many as the model's ``pair_cost`` makes cheapest); a (R, 1, L, L) boolean block mask keeps every response exactly as if it
     were alone after its prompt, while the prompt is computed once instead of K times and there is little
     padding: the pairs of issue #3's benchmark need 0.53x the positions of padded rows."""
     if not pack:
@@ -245,14 +246,15 @@ def _layout(groups: list[tuple[list[int], list[list[int]]]], pad_id: int, pack: 
         last = torch.arange(len(sequences)) * width + attention_mask.sum(-1) - 1
         return {"input_ids": input_ids, "attention_mask": attention_mask, "last": last}
 
-    packed = pack_prompt_groups(groups, pad_id)
+    packed = pack_prompt_groups(groups, pad_id, pair_cost=pair_cost)
     return {k: packed[k] for k in ("input_ids", "position_ids", "attention_mask", "last")}
 
 
-def collate_pairs(examples: list[PreferenceExample], pad_id: int, pack: bool = False) -> dict[str, torch.Tensor]:
+def collate_pairs(examples: list[PreferenceExample], pad_id: int, pack: bool = False,
+                  pair_cost: float = PAIR_COST) -> dict[str, torch.Tensor]:
     """Chosen and rejected of B pairs in one forward; rewards come out as the B chosen then the B rejected.
     margin/label (B,) are present only when some pair uses them."""
-    batch = _layout([(e.prompt_ids, [e.chosen_ids, e.rejected_ids]) for e in examples], pad_id, pack)
+    batch = _layout([(e.prompt_ids, [e.chosen_ids, e.rejected_ids]) for e in examples], pad_id, pack, pair_cost)
     batch["last"] = batch["last"].view(-1, 2).t().reshape(-1)  # (c0, r0, c1, r1, ...) -> (c0, c1, ..., r0, r1, ...)
     if any(e.margin for e in examples):
         batch["margin"] = torch.tensor([e.margin for e in examples], dtype=torch.float32)
@@ -262,7 +264,8 @@ def collate_pairs(examples: list[PreferenceExample], pad_id: int, pack: bool = F
     return batch
 
 
-def collate_rankings(examples: list[RankedExample], pad_id: int, pack: bool = False) -> dict[str, torch.Tensor]:
+def collate_rankings(examples: list[RankedExample], pad_id: int, pack: bool = False,
+                     pair_cost: float = PAIR_COST) -> dict[str, torch.Tensor]:
     """All responses of B prompts in one forward; ``index`` (B, K) points each prompt's responses into the
     rewards (-1 where a prompt has fewer than K), ``scores`` (B, K) ranks them (higher = better)."""
     k = max(len(e.responses_ids) for e in examples)
@@ -273,7 +276,7 @@ def collate_rankings(examples: list[RankedExample], pad_id: int, pack: bool = Fa
         index[b, : len(e.responses_ids)] = torch.arange(start, start + len(e.responses_ids))
         scores[b, : len(e.scores)] = torch.tensor(e.scores)
         start += len(e.responses_ids)
-    batch = _layout([(e.prompt_ids, e.responses_ids) for e in examples], pad_id, pack)
+    batch = _layout([(e.prompt_ids, e.responses_ids) for e in examples], pad_id, pack, pair_cost)
     present = index >= 0
     pairs = (scores[:, :, None] > scores[:, None, :]) & present[:, :, None] & present[:, None, :]
     return {**batch, "index": index, "scores": scores, "n_pairs": pairs.sum()}
@@ -372,7 +375,8 @@ def train(cfg: RMConfig) -> Path:
     losses = {"pairs": pairwise_loss, "rankings": ranking_loss}
     kind = _kind(examples, cfg.data.data)
     pack = cfg.packing and can_pack(model)
-    collate = partial(collates[kind], pad_id=tokenizer.pad_token_id, pack=pack)
+    pair_cost = attention_pair_cost(model.config) if pack else PAIR_COST
+    collate = partial(collates[kind], pad_id=tokenizer.pad_token_id, pack=pack, pair_cost=pair_cost)
     loss_fn = partial(losses[kind], center=cfg.center_rewards_coefficient)
 
     score_model = ScoreModel(model)
@@ -381,7 +385,7 @@ def train(cfg: RMConfig) -> Path:
     evaluate_fn = None
     if eval_examples:
         eval_kind = _kind(eval_examples, cfg.data.eval_data)
-        eval_collate = partial(collates[eval_kind], pad_id=tokenizer.pad_token_id, pack=pack)
+        eval_collate = partial(collates[eval_kind], pad_id=tokenizer.pad_token_id, pack=pack, pair_cost=pair_cost)
         eval_loss = partial(losses[eval_kind], center=cfg.center_rewards_coefficient)
         size = cfg.train.batch_size
         eval_batches = [engine.to_device(eval_collate(eval_examples[i : i + size]))

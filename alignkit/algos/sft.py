@@ -15,7 +15,7 @@ import torch
 
 from alignkit.config import DataConfig, ModelConfig, arg, checked, need_data
 from alignkit.data import IGNORE, read_examples, sft_example
-from alignkit.data.collate import collate_packed, collate_padding_free, pack_sft, pad_sft
+from alignkit.data.collate import attention_pair_cost, collate_packed, collate_padding_free, pack_sft, pad_sft
 from alignkit.engine import Engine, TrainConfig, default_threads, distributed_state, total_steps_for
 from alignkit.logprobs import LogprobModel
 from alignkit.models import load_model
@@ -80,7 +80,7 @@ def train(cfg: SFTConfig) -> Path:
         examples = pack_sft(examples, cfg.data.max_length)
         collate = partial(collate_packed, pad_id=pad_id)
     elif cfg.padding_free:
-        collate = partial(collate_padding_free, pad_id=pad_id)
+        collate = partial(collate_padding_free, pad_id=pad_id, pair_cost=attention_pair_cost(model.config))
     else:
         collate = partial(pad_sft, pad_id=pad_id)
 

@@ -6,11 +6,35 @@ then builds a block-diagonal causal mask, so packed examples never attend to eac
 
 from __future__ import annotations
 
+import heapq
+
 import torch
 
 from alignkit.data.examples import IGNORE, SFTExample
 
-PACK_WIDTH = 256  # packed rows hold about this many tokens (more when one prompt and its answers need it)
+# Attention over a block-masked packed row costs SDPA every (query, key) pair of the row, each pair ~2x its FLOPs
+# in position-equivalents (SmolLM2-135M, 1 thread: 6.8e-4 positions per pair where the FLOP ratio gives 3.2e-4).
+ATTENTION_EFFICIENCY = 2.1
+
+
+def attention_pair_cost(config) -> float:
+    """What block-masked attention costs per (query, key) pair of a packed row, in positions through the layers'
+    projections: ATTENTION_EFFICIENCY x (4 x heads x head_dim) / the projections' 2 x weights per position, from a
+    transformers config (a llama-style MLP of three matrices; GPT-2-style configs fall back to 4x hidden)."""
+    width = config.hidden_size
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or width // heads
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    inner = getattr(config, "intermediate_size", None) or 4 * width
+    per_position = 2 * (2 * width * heads * head_dim + 2 * width * kv * head_dim + 3 * width * inner)
+    return ATTENTION_EFFICIENCY * 4 * heads * head_dim / per_position
+
+
+class _SmolLM2:  # the bundled model's shapes: the default for callers without a model at hand
+    hidden_size, intermediate_size, num_attention_heads, num_key_value_heads = 576, 1536, 9, 3
+
+
+PAIR_COST = attention_pair_cost(_SmolLM2)
 
 
 def pad_sft(examples: list[SFTExample], pad_id: int) -> dict[str, torch.Tensor]:
@@ -66,12 +90,12 @@ def collate_packed(rows: list[list[SFTExample]], pad_id: int) -> dict[str, torch
     return {"input_ids": input_ids, "position_ids": position_ids, "labels": labels}
 
 
-def collate_padding_free(examples: list[SFTExample], pad_id: int) -> dict[str, torch.Tensor]:
-    """A micro-batch's examples without padding: first-fit into rows of max(longest, PACK_WIDTH) tokens, laid out
-    as ``collate_packed`` (positions restart per example, so each attends only to itself); same examples, same
-    targets as ``pad_sft``, fewer positions."""
-    capacity = max(PACK_WIDTH, *(len(e.input_ids) for e in examples))
-    return collate_packed(pack_sft(examples, capacity), pad_id)
+def collate_padding_free(examples: list[SFTExample], pad_id: int, pair_cost: float = PAIR_COST) -> dict[str, torch.Tensor]:
+    """A micro-batch's examples without padding: spread over the rows ``plan_rows`` finds cheapest, laid out as
+    ``collate_packed`` (positions restart per example, so each attends only to itself); same examples, same targets
+    as ``pad_sft``, fewer positions."""
+    rows, _ = plan_rows([len(e.input_ids) for e in examples], pair_cost)
+    return collate_packed([[examples[i] for i in sorted(row)] for row in rows], pad_id)
 
 
 def pad_prompt_completions(
@@ -91,26 +115,42 @@ def pad_prompt_completions(
     return input_ids, attention_mask, target_mask
 
 
-def plan_rows(sizes: list[int], width: int) -> tuple[list[list[int]], int]:
-    """Units of ``sizes`` tokens into ceil(total / width) rows (at least one unit each), the largest first onto
-    the least-filled row, so rows end up nearly equal; returns each row's units and the longest row's length."""
-    fill = [0] * max(1, min(len(sizes), -(-sum(sizes) // width)))
-    rows: list[list[int]] = [[] for _ in fill]
-    for g in sorted(range(len(sizes)), key=lambda g: -sizes[g]):
-        slot = min(range(len(fill)), key=fill.__getitem__)
-        rows[slot].append(g)
-        fill[slot] += sizes[g]
-    return rows, max(fill)
+def plan_rows(sizes: list[int], pair_cost: float = PAIR_COST) -> tuple[list[list[int]], int]:
+    """Units of ``sizes`` tokens spread over the number of rows k that minimises a pass's estimated cost,
+    k·L·(1 + pair_cost·L): k·L positions through the projections, plus the L² (query, key) pairs of each row that
+    block-masked attention computes (``attention_pair_cost``). For each k the units go largest first onto the
+    least-filled row, so rows end nearly equal, and L is the longest row. Few long rows waste attention, many
+    short ones padding. Returns each row's units (at least one each) and L."""
+    if not sizes:
+        return [[]], 0
+    order = sorted(range(len(sizes)), key=lambda g: -sizes[g])
+    longest = sizes[order[0]]
+    best: tuple[float, list[list[int]], int] | None = None
+    for k in range(1, len(sizes) + 1):
+        if best is not None and k * longest * (1 + pair_cost * longest) >= best[0]:
+            break  # no row is shorter than the longest unit: every larger k costs more
+        fill = [(0, r) for r in range(k)]  # (tokens, row): the least-filled row first, ties to the lower row
+        rows: list[list[int]] = [[] for _ in range(k)]
+        for g in order:
+            tokens, r = heapq.heappop(fill)
+            rows[r].append(g)
+            heapq.heappush(fill, (tokens + sizes[g], r))
+        length = max(tokens for tokens, _ in fill)
+        cost = k * length * (1 + pair_cost * length)
+        if best is None or cost < best[0]:
+            best = (cost, rows, length)
+    return best[1], best[2]
 
 
 def pack_prompt_groups(
-    groups: list[tuple[list[int], list[list[int]]]], pad_id: int, share_prompt: bool = True, width: int | None = None
+    groups: list[tuple[list[int], list[list[int]]]], pad_id: int, share_prompt: bool = True,
+    pair_cost: float = PAIR_COST,
 ) -> dict[str, torch.Tensor]:
     """Padding-free rows for ``groups`` of (prompt, responses); responses are numbered group by group.
 
     With ``share_prompt`` a prompt appears once, followed by all its responses; without, every response gets its own
-    copy of the prompt (plain sequence packing). Groups share ceil(tokens / ``width``) rows (default PACK_WIDTH),
-    the largest first onto the least-filled row, so rows are nearly equal and padding is small. A (R, 1, L, L)
+    copy of the prompt (plain sequence packing). The groups fill the rows ``plan_rows`` finds cheapest for the model's
+    ``pair_cost`` (``attention_pair_cost(config)``), so rows are nearly equal and padding is small. A (R, 1, L, L)
     boolean mask lets each token see the earlier tokens of its own response and of its prompt, nothing else, and
     each response's position ids continue from its prompt: every response is computed exactly as if it were alone
     after its prompt.
@@ -123,7 +163,7 @@ def pack_prompt_groups(
     if not share_prompt:  # one group per (prompt, response), numbered in the same order
         groups = [(prompt, [response]) for prompt, responses in groups for response in responses]
     sizes = [len(prompt) + sum(map(len, responses)) for prompt, responses in groups]
-    rows, length = plan_rows(sizes, width or PACK_WIDTH)
+    rows, length = plan_rows(sizes, pair_cost)
     input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
     position_ids = torch.zeros((len(rows), length), dtype=torch.long)
     unit = torch.full((len(rows), length), -1, dtype=torch.long)  # group of each position; -1: padding
