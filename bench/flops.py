@@ -198,6 +198,14 @@ def cpu_name() -> str:
     return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "")
 
 
+# precision -> every matmul rate measured in this bench so far: at the start, after each arm (``run_worker``), at the end
+SAMPLED_RATES: dict[str, list[float]] = {}
+
+
+def _rate(precision: str, seconds: float = 2.0) -> float:
+    return matmul_gflops(torch.bfloat16 if precision == "bf16" else torch.float32, seconds=seconds)
+
+
 def machine_rates(threads: int = 0) -> dict[str, float]:
     """Precision -> measured matmul GFLOP/s at the runs' thread count ("no" = fp32 always; "bf16" too where the
     CPU has native bf16); prints the one-line machine header every training bench starts with."""
@@ -206,7 +214,9 @@ def machine_rates(threads: int = 0) -> dict[str, float]:
     bf16 = bf16_is_fast()
     if threads:
         torch.set_num_threads(threads)
-    rates = {p: matmul_gflops(torch.bfloat16 if p == "bf16" else torch.float32) for p in (["bf16", "no"] if bf16 else ["no"])}
+    rates = {p: _rate(p) for p in (["bf16", "no"] if bf16 else ["no"])}
+    SAMPLED_RATES.clear()
+    SAMPLED_RATES.update({p: [r] for p, r in rates.items()})
     print(f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, bf16 "
           f"{'native' if bf16 else 'emulated: off (no native bf16 on this CPU)'}, matmul "
           + ", ".join(f"{'bf16' if p == 'bf16' else 'fp32'} {r:.0f} GFLOP/s" for p, r in rates.items())
@@ -215,19 +225,25 @@ def machine_rates(threads: int = 0) -> dict[str, float]:
 
 
 def refresh_rates(rates: dict[str, float]) -> dict[str, float]:
-    """Measure the matmul rates again after the runs and keep the higher of the two: on a shared (virtual) machine
-    the rate swings with the neighbours' load, and a bound taken at a low moment would flatter every run."""
+    """Measure the matmul rates again after the runs and keep the highest of every measurement (the start, after
+    each arm, now): on a shared (virtual) machine the rate swings with the neighbours' load within minutes, noise
+    only ever lowers it, and a bound taken at a low moment would flatter every run."""
     for precision, before in rates.items():
-        now = matmul_gflops(torch.bfloat16 if precision == "bf16" else torch.float32)
-        rates[precision] = max(before, now)
+        now = _rate(precision)
+        seen = SAMPLED_RATES.setdefault(precision, [before])
+        between = seen[1:]
+        seen.append(now)
+        rates[precision] = max(before, *seen)
         print(f"matmul {'bf16' if precision == 'bf16' else 'fp32'} re-measured after the runs: {now:.0f} GFLOP/s "
-              f"(before {before:.0f}); the bounds use {rates[precision]:.0f}", flush=True)
+              f"(before {before:.0f}" + (f"; after each arm {' '.join(f'{r:.0f}' for r in between)}" if between else "")
+              + f"); the bounds use {rates[precision]:.0f}", flush=True)
     return rates
 
 
 def run_worker(command: list[str], threads: int = 0) -> dict:
     """Run one bench arm in its own process (so its peak RSS is its own) and read its ``RESULT {json}`` line; adds
-    the median steady step ``step_s`` (from the worker's ``step_ends``), ``steps`` and the mean load average."""
+    the median steady step ``step_s`` (from the worker's ``step_ends``), ``steps``, the mean load average, and
+    ``gflops``: the matmul rate measured right after it (1 s per precision, kept in SAMPLED_RATES)."""
     load = os.getloadavg()[0]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
     done = subprocess.run(command, capture_output=True, text=True, env=env)
@@ -239,6 +255,9 @@ def run_worker(command: list[str], threads: int = 0) -> dict:
     result["step_s"] = statistics.median([b - a for a, b in zip(ends, ends[1:])]) if len(ends) > 1 else ends[0]
     result["steps"] = len(ends)
     result["load"] = (load + os.getloadavg()[0]) / 2
+    result["gflops"] = {precision: _rate(precision, seconds=1.0) for precision in SAMPLED_RATES}
+    for precision, rate in result["gflops"].items():
+        SAMPLED_RATES[precision].append(rate)
     return result
 
 
