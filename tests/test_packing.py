@@ -5,6 +5,7 @@ rewards and their gradients (RM), and whole training runs."""
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -212,6 +213,8 @@ def test_sft_padding_free_loss_and_gradients_equal_the_padded_batch(pair_cost):
     assert sft.count_targets(free_batch) == sft.count_targets(padded_batch)
     padded, free = run(padded_batch), run(free_batch)
     torch.testing.assert_close(free[0], padded[0], atol=1e-4, rtol=1e-6)
+    held_out = [sft.mean_nll(LogprobModel(model), [batch], nullcontext) for batch in (padded_batch, free_batch)]
+    assert held_out[0] == pytest.approx(held_out[1], abs=1e-5)  # the held-out loss takes either layout
     for name, grad in padded[1].items():
         torch.testing.assert_close(free[1][name], grad, atol=1e-5, rtol=1e-4, msg=name)
 

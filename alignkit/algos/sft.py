@@ -13,9 +13,17 @@ from pathlib import Path
 
 import torch
 
+from alignkit import packing
 from alignkit.config import DataConfig, ModelConfig, arg, checked, need_data
 from alignkit.data import IGNORE, read_examples, sft_example
-from alignkit.data.collate import attention_pair_cost, collate_packed, collate_padding_free, pack_sft, pad_sft
+from alignkit.data.collate import (
+    PAIR_COST,
+    attention_pair_cost,
+    collate_packed,
+    collate_padding_free,
+    pack_sft,
+    pad_sft,
+)
 from alignkit.engine import Engine, TrainConfig, default_threads, distributed_state, total_steps_for
 from alignkit.logprobs import LogprobModel
 from alignkit.models import load_model
@@ -76,21 +84,26 @@ def train(cfg: SFTConfig) -> Path:
     examples = make(cfg.data.data)
     eval_examples = make(cfg.data.eval_data) if cfg.data.eval_data else []
     pad_id = tokenizer.pad_token_id
+    pair_cost = attention_pair_cost(model.config) if cfg.packing or cfg.padding_free else PAIR_COST
     if cfg.packing:
         examples = pack_sft(examples, cfg.data.max_length)
         collate = partial(collate_packed, pad_id=pad_id)
     elif cfg.padding_free:
-        collate = partial(collate_padding_free, pad_id=pad_id, pair_cost=attention_pair_cost(model.config))
+        collate = partial(collate_padding_free, pad_id=pad_id, pair_cost=pair_cost)
     else:
         collate = partial(pad_sft, pad_id=pad_id)
 
     total = total_steps_for(cfg.train, len(examples), distributed_state().num_processes)
     engine = Engine(cfg.train, model, tokenizer, total, train_module=LogprobModel(model), run_config={"algo": "sft", **asdict(cfg)})
-    eval_batches = [engine.to_device(pad_sft(eval_examples[i : i + 8], pad_id)) for i in range(0, len(eval_examples), 8)]
+    # held-out batches without padding too (any layout gives the same NLL); no gradients, so 16 examples at a time
+    eval_collate = partial(collate_padding_free, pad_id=pad_id, pair_cost=pair_cost) if cfg.packing or cfg.padding_free \
+        else partial(pad_sft, pad_id=pad_id)
+    eval_batches = [engine.to_device(eval_collate(eval_examples[i : i + 16])) for i in range(0, len(eval_examples), 16)]
     policy = engine.no_grad_module(LogprobModel(model))  # under FSDP the sharded module: gathers as in training
 
     def held_out() -> dict[str, float]:
-        with engine.inference():
+        # fp32 on CPU: the layers multiply by weights packed once per evaluation (alignkit.packing)
+        with engine.inference(), packing.packed_linears(policy, engine.autocast):
             return {"eval/loss": mean_nll(policy, eval_batches, engine.autocast)}
 
     evaluate = held_out if eval_batches else None
