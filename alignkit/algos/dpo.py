@@ -129,8 +129,9 @@ def make_objective(cfg: DPOConfig) -> Callable[[PairLogps], tuple[torch.Tensor, 
 def collate_pairs(items: list[tuple[PreferenceExample, float, float]], pad_id: int,
                   pack: bool = False, pair_cost: float = PAIR_COST) -> dict[str, torch.Tensor]:
     """Padded: chosen rows then rejected rows, right-padded: (2B, L) input_ids / attention_mask / target_mask.
-    Packed: ``pack_prompt_groups``'s padding-free rows (planned with the model's ``pair_cost``), each prompt once, with the B chosen answers numbered
-    before the B rejected ones (``target_index`` / ``source_index`` / ``response_index``, ``lengths`` (2B,))."""
+    Packed: ``pack_prompt_groups``'s padding-free rows (planned with the model's ``pair_cost``), each prompt once,
+    with the B chosen answers numbered before the B rejected ones (``target_index`` / ``source_index`` /
+    ``response_index``, ``lengths`` (2B,))."""
     if pack:
         batch = pack_prompt_groups([(e.prompt_ids, [e.chosen_ids, e.rejected_ids]) for e, _, _ in items], pad_id,
                                    pair_cost=pair_cost)

@@ -175,7 +175,8 @@ def reference_logps(module, items: list[Item], pad_id: int, autocast, batch_size
     with adapter_off(), (packing.packed_linears(module, autocast) if items else nullcontext()):
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            batch = send_to_device(collate_unpaired([items[i] for i in idx], pad_id, pack, shared=True, pair_cost=pair_cost), device)
+            batch = collate_unpaired([items[i] for i in idx], pad_id, pack, shared=True, pair_cost=pair_cost)
+            batch = send_to_device(batch, device)
             with autocast():
                 logps = completion_logps(module, batch)
             b = len(idx)
@@ -269,7 +270,8 @@ def train(cfg: KTOConfig) -> Path:
         # z0 and the losses over the whole held-out set at once, so its value does not depend on batching
         logps, kl_logps = [], []
         for start in range(0, len(eval_items), 16):
-            batch = engine.to_device(collate_unpaired(eval_items[start : start + 16], pad_id, pack, shared=True, pair_cost=pair_cost))
+            batch = engine.to_device(collate_unpaired(eval_items[start : start + 16], pad_id, pack, shared=True,
+                                                      pair_cost=pair_cost))
             with engine.autocast():
                 both = completion_logps(policy, batch)
             b = both.shape[0] // 2

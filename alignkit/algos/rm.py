@@ -232,9 +232,10 @@ def _layout(groups: list[tuple[list[int], list[list[int]]]], pad_id: int, pack: 
 
     Padded: one prompt + response per row, right-padded, with a (R, L) attention mask: what any model accepts.
     Packed (``alignkit.data.collate.pack_prompt_groups``): a prompt appears once, followed by all its responses,
-    and several such groups share a row (as many as the model's ``pair_cost`` makes cheapest); a (R, 1, L, L) boolean block mask keeps every response exactly as if it
-    were alone after its prompt, while the prompt is computed once instead of K times and there is little
-    padding: the pairs of issue #3's benchmark need 0.53x the positions of padded rows."""
+    and several such groups share a row (as many rows as the model's ``pair_cost`` makes cheapest); a (R, 1, L, L)
+    boolean block mask keeps every response exactly as if it were alone after its prompt, while the prompt is
+    computed once instead of K times and there is little padding: the pairs of issue #3's benchmark need 0.53x the
+    positions of padded rows."""
     if not pack:
         sequences = [prompt + response for prompt, responses in groups for response in responses]
         width = max(map(len, sequences))
