@@ -280,17 +280,21 @@ def test_chain_sft_bon_rm_ppo(sft_lora, data, tmp_path):
 
 
 def test_chain_sft_bon_dpo(sft_lora, data, tmp_path):
-    """sft --lora -> bon -> dpo --lora on bon's pairs: margins start at exactly the reference's (0) and grow."""
+    """sft --lora -> bon -> dpo --lora on bon's pairs: margins start at exactly the reference's (0) and grow.
+
+    DPO takes all 8 pairs per step: the pairs are random-model samples, so batches of 2 at lr 5e-2 pull against
+    each other and the held-out margin after 3 steps swung between -0.04 and 0.15 with the seed and the sampler's
+    precision; full-batch steps at lr 2e-2 ended at 0.15-0.20 (seeds 1, 2, 3, 42; fp32 and bf16 sampling)."""
     bon = tmp_path / "bon"
     _cli("bon", "--model", sft_lora, "--data", data["prompts"], "--output-dir", bon, "--group-size", "4",
          "--max-new-tokens", "6", "--reward", "length:3", "--max-length", "64")
     dpo = tmp_path / "dpo"
     _cli("dpo", "--model", sft_lora, "--lora", "--lora-r", "4", "--data", bon / "pairs.jsonl", "--eval-data",
-         bon / "pairs.jsonl", "--output-dir", dpo, "--max-steps", "3", "--batch-size", "2", "--lr", "5e-2",
+         bon / "pairs.jsonl", "--output-dir", dpo, "--max-steps", "4", "--batch-size", "8", "--lr", "2e-2",
          "--max-length", "64", "--mixed-precision", "no")
     rows = [r for r in _metrics(dpo) if "eval/rewards/margins" in r]
     assert rows[0]["step"] == 0 and rows[0]["eval/rewards/margins"] == pytest.approx(0.0, abs=1e-6)
-    assert rows[-1]["eval/rewards/margins"] > 0.01
+    assert rows[-1]["eval/rewards/margins"] > 0.05 and rows[-1]["eval/rewards/accuracies"] >= 0.75
 
 
 def test_dpo_forced_bf16_learns_and_starts_at_zero_margin(tiny_model_dir, data, tmp_path):
