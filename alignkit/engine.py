@@ -408,8 +408,13 @@ class Engine:
         loss_fn: Callable[[torch.nn.Module, Any], tuple[torch.Tensor, dict[str, float]]],
         count_fn: Callable[[Any], int],
         eval_fn: Callable[[], dict[str, float]] | None = None,
+        shown: Sequence[str] = (),
     ) -> dict[str, float]:
-        """Train on a fixed dataset: a fresh seeded shuffle per epoch, ``total_steps`` optimizer steps."""
+        """Train on a fixed dataset: a fresh seeded shuffle per epoch, ``total_steps`` optimizer steps. ``eval_fn``
+        (held-out metrics) runs before training (step 0; not when resuming), every ``--eval-steps`` steps and after;
+        the ``shown`` metrics of the first and last are printed. Returns the last held-out metrics."""
+        if eval_fn is not None and not self.cfg.resume:
+            self.held_out(eval_fn, "before", shown, step=0)
         global_batch = self.cfg.world_batch * self.world_size
         if len(examples) < global_batch:
             raise ValueError(
@@ -419,7 +424,6 @@ class Engine:
         steps_per_epoch = len(examples) // global_batch
         if self.cfg.resume:
             self.resume()
-        last_eval: dict[str, float] = {}
         self.start_progress()
         while self.step < self.total_steps:
             epoch, index = divmod(self.step, steps_per_epoch)
@@ -433,12 +437,20 @@ class Engine:
             logs = self.update(micro, loss_fn, count_fn)
             logs["epoch"] = self.step / steps_per_epoch
             if eval_fn is not None and self.cfg.eval_steps and self.step % self.cfg.eval_steps == 0:
-                last_eval = eval_fn()
-                logs.update(last_eval)
+                logs.update(eval_fn())
             self.log(logs)
             self.maybe_save()
         self.close_progress()
-        return last_eval
+        return self.held_out(eval_fn, "after", shown) if eval_fn is not None else {}
+
+    def held_out(self, eval_fn: Callable[[], dict[str, float]], when: str, shown: Sequence[str],
+                 step: int | None = None) -> dict[str, float]:
+        """Run ``eval_fn``, log its metrics (at ``step``, default the current one) and print the ``shown`` ones."""
+        metrics = eval_fn()
+        self.log(metrics, step=step)
+        if self.is_main and shown:
+            print(f"held-out {when}: ".ljust(17) + ", ".join(f"{k} {metrics[k]:.4f}" for k in shown if k in metrics))
+        return metrics
 
     # -------------------------------------------------------------------------------------------- logging
     def start_progress(self) -> None:
@@ -627,9 +639,11 @@ class Engine:
         tmp.write_text("".join(kept))
         os.replace(tmp, path)
 
-    def finish(self) -> Path:
+    def finish(self, what: str = "model") -> Path:
         path = self.save_final()
         self.accelerator.end_training()
+        if self.is_main:
+            print(f"{what} saved to {path}")
         return path
 
 

@@ -158,6 +158,9 @@ def distinct_n(texts: list[str], n: int = 2) -> float:
     return len(unique) / total if total else 0.0
 
 
+SHOWN = ("eval/reward/mean", "eval/kl", "eval/distinct-2")  # the held-out metrics printed before and after
+
+
 def rollout_loop(engine, prompts: list[PromptExample], steps: int, prompts_per_step: int, group_size: int,
                  updates_per_step: int, reward: RewardSource, sampling: SamplingConfig, sampler,
                  update: Callable[[ScoredRollout], dict[str, float]], evaluate: Callable[[], dict[str, float]] | None,
@@ -178,10 +181,7 @@ def rollout_loop(engine, prompts: list[PromptExample], steps: int, prompts_per_s
     if cfg.resume:
         engine.resume()
     elif evaluate is not None:
-        before = evaluate()
-        engine.log(before, step=0)
-        if engine.is_main:
-            print("held-out before: " + _eval_summary(before))
+        engine.held_out(evaluate, "before", SHOWN, step=0)
     if engine.step % updates_per_step:
         raise RuntimeError(f"checkpoint at optimizer step {engine.step} is not at the end of an online step "
                            f"({updates_per_step} optimizer steps each)")
@@ -203,14 +203,8 @@ def rollout_loop(engine, prompts: list[PromptExample], steps: int, prompts_per_s
             engine.save_checkpoint()
     engine.close_progress()
     if evaluate is not None:
-        after = evaluate()
-        engine.log(after)
-        if engine.is_main:
-            print("held-out after:  " + _eval_summary(after))
-    path = engine.finish()
-    if engine.is_main:
-        print(f"model saved to {path}")
-    return path
+        engine.held_out(evaluate, "after", SHOWN)
+    return engine.finish()
 
 
 def mean_across_processes(engine, metrics: dict[str, float]) -> dict[str, float]:
@@ -220,10 +214,6 @@ def mean_across_processes(engine, metrics: dict[str, float]) -> dict[str, float]
     names = sorted(metrics)
     values = engine.accelerator.reduce(torch.tensor([metrics[n] for n in names], device=engine.device), "mean")
     return dict(zip(names, values.tolist(), strict=True))
-
-
-def _eval_summary(metrics: dict[str, float]) -> str:
-    return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k in ("eval/reward/mean", "eval/kl", "eval/distinct-2"))
 
 
 def step_times(started: float, sampled: float, scored: ScoredRollout) -> dict[str, float]:

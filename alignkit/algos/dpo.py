@@ -227,7 +227,7 @@ def train(cfg: DPOConfig) -> Path:
         raise ValueError("--no-precompute-ref with full fine-tuning needs --reference MODEL (no second copy is made)")
     zeros = [(e, 0.0, 0.0) for e in eval_examples]
     pack = cfg.packing and can_pack(model) and (ref_model is None or can_pack(ref_model))
-    pair_cost = attention_pair_cost(model.config) if pack else PAIR_COST
+    pair_cost = attention_pair_cost(model.config)  # what attention costs the padding-free rows (plan_rows)
     if needs_ref:
         # computed before resume() can load trained weights, so the reference is always the initial policy
         with engine.inference():
@@ -270,16 +270,6 @@ def train(cfg: DPOConfig) -> Path:
         return {f"eval/{k}": v / len(eval_items) for k, v in totals.items()}
 
     collate = partial(collate_pairs, pad_id=pad_id, pack=pack, pair_cost=pair_cost)
-    report = evaluate if eval_items else None
-    if report is not None and not cfg.train.resume:
-        engine.log(report(), step=0)
-    engine.fit(train_items, collate, loss_fn, lambda batch: batch["ref_chosen"].shape[0], report)
-    if report is not None:
-        final = report()
-        engine.log(final)
-        if engine.is_main:
-            print("held-out: " + ", ".join(f"{k} {v:.4f}" for k, v in final.items() if "accuracies" in k or k == "eval/loss"))
-    path = engine.finish()
-    if engine.is_main:
-        print(f"model saved to {path}")
-    return path
+    engine.fit(train_items, collate, loss_fn, lambda batch: batch["ref_chosen"].shape[0],
+               evaluate if eval_items else None, shown=("eval/loss", "eval/rewards/accuracies"))
+    return engine.finish()

@@ -225,7 +225,7 @@ def train(cfg: KTOConfig) -> Path:
     if note and engine.is_main:
         print(note, file=sys.stderr)
     pack = cfg.packing and can_pack(model) and (ref_model is None or can_pack(ref_model))
-    pair_cost = attention_pair_cost(model.config) if pack else PAIR_COST
+    pair_cost = attention_pair_cost(model.config)  # what attention costs the padding-free rows (plan_rows)
     # no-grad passes of the policy go through the sharded module under FSDP; a separate reference is sharded too
     policy = engine.no_grad_module(LogprobModel(model))
     ref_module = engine.frozen(LogprobModel(ref_model)) if ref_model is not None else policy
@@ -288,16 +288,6 @@ def train(cfg: KTOConfig) -> Path:
 
     collate = partial(collate_unpaired, pad_id=pad_id, pack=pack, pair_cost=pair_cost)
     engine.derived_metrics["rewards/margins"] = lambda logs: logs["rewards/chosen"] - logs["rewards/rejected"]
-    report = evaluate if eval_items else None
-    if report is not None and not cfg.train.resume:
-        engine.log(report(), step=0)
-    engine.fit(train_items, collate, loss_fn, lambda batch: batch["desirable"].shape[0], report)
-    if report is not None:
-        final = report()
-        engine.log(final)
-        if engine.is_main:
-            print("held-out: " + ", ".join(f"{k} {v:.4f}" for k, v in final.items() if "accuracies" in k or k == "eval/loss"))
-    path = engine.finish()
-    if engine.is_main:
-        print(f"model saved to {path}")
-    return path
+    engine.fit(train_items, collate, loss_fn, lambda batch: batch["desirable"].shape[0],
+               evaluate if eval_items else None, shown=("eval/loss", "eval/rewards/accuracies"))
+    return engine.finish()

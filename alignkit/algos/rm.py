@@ -376,7 +376,7 @@ def train(cfg: RMConfig) -> Path:
     losses = {"pairs": pairwise_loss, "rankings": ranking_loss}
     kind = _kind(examples, cfg.data.data)
     pack = cfg.packing and can_pack(model)
-    pair_cost = attention_pair_cost(model.config) if pack else PAIR_COST
+    pair_cost = attention_pair_cost(model.config)  # what attention costs the padding-free rows (plan_rows)
     collate = partial(collates[kind], pad_id=tokenizer.pad_token_id, pack=pack, pair_cost=pair_cost)
     loss_fn = partial(losses[kind], center=cfg.center_rewards_coefficient)
 
@@ -392,18 +392,5 @@ def train(cfg: RMConfig) -> Path:
         eval_batches = [engine.to_device(eval_collate(eval_examples[i : i + size]))
                         for i in range(0, len(eval_examples), size)]
         evaluate_fn = partial(evaluate, score_model, eval_batches, eval_loss, engine.autocast)
-    if evaluate_fn is not None and not cfg.train.resume:
-        before = evaluate_fn()
-        engine.log(before, step=0)
-        if engine.is_main:
-            print(f"held-out before: loss {before['eval/loss']:.4f}, accuracy {before['eval/accuracy']:.3f}")
-    engine.fit(examples, collate, loss_fn, count_items, evaluate_fn)
-    if evaluate_fn is not None:
-        after = evaluate_fn()
-        engine.log(after)
-        if engine.is_main:
-            print(f"held-out after:  loss {after['eval/loss']:.4f}, accuracy {after['eval/accuracy']:.3f}")
-    path = engine.finish()
-    if engine.is_main:
-        print(f"reward model saved to {path}")
-    return path
+    engine.fit(examples, collate, loss_fn, count_items, evaluate_fn, shown=("eval/loss", "eval/accuracy"))
+    return engine.finish("reward model")

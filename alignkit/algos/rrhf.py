@@ -189,18 +189,7 @@ def train(cfg: RRHFConfig) -> Path:
         return {f"eval/{k}": float(v) for k, v in {"loss": per_prompt.mean(), **metrics}.items()}
 
     collate = partial(collate_ranked, pad_id=pad_id)
-    report = evaluate if eval_examples else None
-    if report is not None and not cfg.train.resume:
-        engine.log(report(), step=0)
     engine.fit(examples, collate, partial(ranking_loss, rank_weight=cfg.rank_weight),
-               lambda batch: batch["index"].shape[0], report)
-    if report is not None:
-        final = report()
-        engine.log(final)
-        if engine.is_main:
-            print("held-out: " + ", ".join(f"{k} {v:.4f}" for k, v in final.items()
-                                           if k in ("eval/loss", "eval/rank_agreement", "eval/best_is_top")))
-    path = engine.finish()
-    if engine.is_main:
-        print(f"model saved to {path}")
-    return path
+               lambda batch: batch["index"].shape[0], evaluate if eval_examples else None,
+               shown=("eval/loss", "eval/rank_agreement", "eval/best_is_top"))
+    return engine.finish()

@@ -16,14 +16,7 @@ import torch
 from alignkit import packing
 from alignkit.config import DataConfig, ModelConfig, arg, checked, need_data
 from alignkit.data import IGNORE, read_examples, sft_example
-from alignkit.data.collate import (
-    PAIR_COST,
-    attention_pair_cost,
-    collate_packed,
-    collate_padding_free,
-    pack_sft,
-    pad_sft,
-)
+from alignkit.data.collate import attention_pair_cost, collate_packed, collate_padding_free, pack_sft, pad_sft
 from alignkit.engine import Engine, TrainConfig, default_threads, distributed_state, total_steps_for
 from alignkit.logprobs import LogprobModel
 from alignkit.models import load_model
@@ -84,7 +77,7 @@ def train(cfg: SFTConfig) -> Path:
     examples = make(cfg.data.data)
     eval_examples = make(cfg.data.eval_data) if cfg.data.eval_data else []
     pad_id = tokenizer.pad_token_id
-    pair_cost = attention_pair_cost(model.config) if cfg.packing or cfg.padding_free else PAIR_COST
+    pair_cost = attention_pair_cost(model.config)  # what attention costs the padding-free rows (plan_rows)
     if cfg.packing:
         examples = pack_sft(examples, cfg.data.max_length)
         collate = partial(collate_packed, pad_id=pad_id)
@@ -106,19 +99,5 @@ def train(cfg: SFTConfig) -> Path:
         with engine.inference(), packing.packed_linears(policy, engine.autocast):
             return {"eval/loss": mean_nll(policy, eval_batches, engine.autocast)}
 
-    evaluate = held_out if eval_batches else None
-    if evaluate is not None and not cfg.train.resume:
-        before = evaluate()["eval/loss"]
-        engine.log({"eval/loss": before}, step=0)
-        if engine.is_main:
-            print(f"held-out loss before: {before:.4f}")
-    engine.fit(examples, collate, sft_loss, count_targets, evaluate)
-    if evaluate is not None:
-        after = evaluate()["eval/loss"]
-        engine.log({"eval/loss": after})
-        if engine.is_main:
-            print(f"held-out loss after:  {after:.4f}")
-    path = engine.finish()
-    if engine.is_main:
-        print(f"model saved to {path}")
-    return path
+    engine.fit(examples, collate, sft_loss, count_targets, held_out if eval_batches else None, shown=("eval/loss",))
+    return engine.finish()
