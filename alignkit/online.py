@@ -53,6 +53,15 @@ def read_prompts(source: str, tokenizer, max_length: int, skip_invalid: bool = F
     return read_examples(source, prompt_example, tokenizer, max_length, skip_invalid)
 
 
+def run_prompts(data: DataConfig, tokenizer, eval_prompts: int) -> tuple[list[PromptExample], list[PromptExample]]:
+    """An online trainer's prompts: all of ``--data``'s, and the first ``eval_prompts`` of ``--eval-data``'s (none
+    without it, or when 0)."""
+    prompts = read_prompts(data.data, tokenizer, data.max_length, data.skip_invalid)
+    held_out = read_prompts(data.eval_data, tokenizer, data.max_length, data.skip_invalid) \
+        if data.eval_data and eval_prompts > 0 else []
+    return prompts, held_out[:eval_prompts]
+
+
 def prompts_of(data: DataConfig, tokenizer, max_prompts: int = 0, command: str = "this command") -> list[PromptExample]:
     """The prompts of ``--data`` (else ``--eval-data``), the first ``max_prompts`` of them when > 0."""
     source = data.data or data.eval_data

@@ -61,11 +61,11 @@ from alignkit.online import (
     evaluate_policy,
     initial_copy,
     online_sampler,
-    read_prompts,
     reference_logprobs,
     response_logprobs,
     rollout_loop,
     rows,
+    run_prompts,
     with_policy_logprobs,
 )
 from alignkit.rewards import load_reward
@@ -275,11 +275,7 @@ def train(cfg: GRPOConfig) -> Path:
     make_advantage_fn(cfg)  # checks --advantage before the model loads
     torch.manual_seed(cfg.train.seed)  # a fresh LoRA adapter's initialisation: the same in every run and process
     model, tokenizer = load_model(cfg.model.model, lora=cfg.model.lora_settings(cfg.train.seed), trust_remote_code=cfg.model.trust_remote_code)
-    prompts = read_prompts(cfg.data.data, tokenizer, cfg.data.max_length, cfg.data.skip_invalid)
-    eval_prompts = []
-    if cfg.data.eval_data and cfg.rollout.eval_prompts > 0:
-        eval_prompts = read_prompts(cfg.data.eval_data, tokenizer, cfg.data.max_length, cfg.data.skip_invalid)
-        eval_prompts = eval_prompts[: cfg.rollout.eval_prompts]
+    prompts, eval_prompts = run_prompts(cfg.data, tokenizer, cfg.rollout.eval_prompts)
     reward = load_reward(cfg.rollout.reward)
 
     local_rows = check_minibatches(cfg.rollout.prompts_per_step, cfg.rollout.group_size, cfg.train.batch_size,

@@ -65,10 +65,10 @@ from alignkit.online import (
     initial_copy,
     online_sampler,
     prompt_batch,
-    read_prompts,
     reference_logprobs,
     rollout_forward,
     rollout_loop,
+    run_prompts,
     with_policy_logprobs,
 )
 from alignkit.rewards import load_reward
@@ -312,11 +312,7 @@ def train(cfg: PPOConfig) -> Path:
         raise ValueError("--ptx-coef needs --ptx-data (SFT records)")
     torch.manual_seed(cfg.train.seed)  # a fresh LoRA adapter's initialisation: the same in every run and process
     model, tokenizer = load_model(cfg.model.model, lora=cfg.model.lora_settings(cfg.train.seed), trust_remote_code=cfg.model.trust_remote_code)
-    prompts = read_prompts(cfg.data.data, tokenizer, cfg.data.max_length, cfg.data.skip_invalid)
-    eval_prompts = []
-    if cfg.data.eval_data and cfg.rollout.eval_prompts > 0:
-        eval_prompts = read_prompts(cfg.data.eval_data, tokenizer, cfg.data.max_length, cfg.data.skip_invalid)
-        eval_prompts = eval_prompts[: cfg.rollout.eval_prompts]
+    prompts, eval_prompts = run_prompts(cfg.data, tokenizer, cfg.rollout.eval_prompts)
     ptx = read_examples(cfg.ptx_data, sft_example, tokenizer, cfg.data.max_length, cfg.data.skip_invalid) \
         if cfg.ptx_coef > 0 else []
     reward = load_reward(cfg.rollout.reward)

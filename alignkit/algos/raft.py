@@ -48,9 +48,9 @@ from alignkit.online import (
     initial_copy,
     mean_across_processes,
     online_sampler,
-    read_prompts,
     reference_logprobs,
     rollout_loop,
+    run_prompts,
     with_policy_logprobs,
 )
 from alignkit.rewards import load_reward
@@ -108,10 +108,7 @@ def train(cfg: RAFTConfig) -> Path:
     torch.manual_seed(cfg.train.seed)  # a fresh LoRA adapter's initialisation: the same in every run and process
     model, tokenizer = load_model(cfg.model.model, lora=cfg.model.lora_settings(cfg.train.seed), trust_remote_code=cfg.model.trust_remote_code)
     reward = load_reward(cfg.rollout.reward)
-    prompts = read_prompts(cfg.data.data, tokenizer, cfg.data.max_length, cfg.data.skip_invalid)
-    eval_prompts = read_prompts(cfg.data.eval_data, tokenizer, cfg.data.max_length, cfg.data.skip_invalid) \
-        if cfg.data.eval_data and cfg.rollout.eval_prompts else []
-    eval_prompts = eval_prompts[: cfg.rollout.eval_prompts]
+    prompts, eval_prompts = run_prompts(cfg.data, tokenizer, cfg.rollout.eval_prompts)
 
     world = distributed_state().num_processes
     per_stage = min(cfg.rollout.prompts_per_step, len(prompts))
