@@ -279,7 +279,7 @@ def test_chain_sft_bon_rm_ppo(sft_lora, data, tmp_path):
     assert all(abs(r["score/mean"]) < 100 for r in rows)  # scored by the trained reward model
 
 
-def test_chain_sft_bon_dpo(sft_lora, data, tmp_path):
+def test_chain_sft_bon_dpo(sft_lora, data, tmp_path, capsys):
     """sft --lora -> bon -> dpo --lora on bon's pairs: margins start at exactly the reference's (0) and grow.
 
     DPO takes all 8 pairs per step: the pairs are random-model samples, so batches of 2 at lr 5e-2 pull against
@@ -295,6 +295,11 @@ def test_chain_sft_bon_dpo(sft_lora, data, tmp_path):
     rows = [r for r in _metrics(dpo) if "eval/rewards/margins" in r]
     assert rows[0]["step"] == 0 and rows[0]["eval/rewards/margins"] == pytest.approx(0.0, abs=1e-6)
     assert rows[-1]["eval/rewards/margins"] > 0.05 and rows[-1]["eval/rewards/accuracies"] >= 0.75
+    printed = capsys.readouterr().out.splitlines()  # the held-out metrics of the first and last rows, as logged
+    for when, row in (("before", rows[0]), ("after", rows[-1])):
+        assert f"held-out {when}: ".ljust(17) + f"eval/loss {row['eval/loss']:.4f}, eval/rewards/accuracies " \
+            f"{row['eval/rewards/accuracies']:.4f}" in printed
+    assert f"model saved to {dpo / 'final'}" in printed
 
 
 def test_dpo_forced_bf16_learns_and_starts_at_zero_margin(tiny_model_dir, data, tmp_path):
