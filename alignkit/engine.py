@@ -436,7 +436,9 @@ class Engine:
             ]
             logs = self.update(micro, loss_fn, count_fn)
             logs["epoch"] = self.step / steps_per_epoch
-            if eval_fn is not None and self.cfg.eval_steps and self.step % self.cfg.eval_steps == 0:
+            # the last step's weights are evaluated once, by the pass after training
+            if eval_fn is not None and self.cfg.eval_steps and self.step % self.cfg.eval_steps == 0 \
+                    and self.step < self.total_steps:
                 logs.update(eval_fn())
             self.log(logs)
             self.maybe_save()

@@ -205,7 +205,8 @@ def rollout_loop(engine, prompts: list[PromptExample], steps: int, prompts_per_s
         sampled = time.time()
         logs = update(scored)
         logs = {**mean_across_processes(engine, rollout_metrics(scored)), **logs, **step_times(started, sampled, scored)}
-        if cfg.eval_steps and evaluate is not None and (step + 1) % cfg.eval_steps == 0:
+        # the last step's policy is evaluated once, by the pass after training
+        if cfg.eval_steps and evaluate is not None and (step + 1) % cfg.eval_steps == 0 and step + 1 < steps:
             logs.update(evaluate())
         engine.log(logs)
         if step + 1 < steps and checkpoint_after(step + 1):

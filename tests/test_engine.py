@@ -3,6 +3,7 @@ NaN handling, checkpoint layout and rotation."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -51,6 +52,28 @@ def test_accumulation_equals_large_batch(tiny_model_dir, tmp_path):
     start, _ = load_model(str(tiny_model_dir))
     assert _max_diff(big, start.state_dict()) > 1e-3  # training moved the weights
     assert _max_diff(big, small) < 2e-5
+
+
+def test_held_out_runs_before_every_eval_steps_and_once_after(tiny_model_dir, tmp_path, capsys):
+    """--eval-steps 2 over 4 steps: held-out passes at steps 0, 2 and 4, the last one only once (after training),
+    each logged at its step and the first and last printed."""
+    model, tokenizer = load_model(str(tiny_model_dir))
+    cfg = TrainConfig(output_dir=str(tmp_path), max_steps=4, batch_size=4, eval_steps=2, mixed_precision="no",
+                      progress=False, report_to="none")
+    engine = Engine(cfg, model, tokenizer, total_steps=4, train_module=LogprobModel(model))
+    calls = []
+
+    def held_out() -> dict[str, float]:
+        calls.append(engine.step)
+        return {"eval/loss": float(len(calls))}
+
+    last = engine.fit(_examples(tokenizer), partial(pad_sft, pad_id=tokenizer.pad_token_id), sft_loss, count_targets,
+                      held_out, shown=("eval/loss",))
+    assert calls == [0, 2, 4] and last == {"eval/loss": 3.0}
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["eval/loss"]) for r in rows if "eval/loss" in r] == [(0, 1.0), (2, 2.0), (4, 3.0)]
+    printed = capsys.readouterr().out.splitlines()
+    assert printed == ["held-out before: eval/loss 1.0000", "held-out after:  eval/loss 3.0000"]
 
 
 def test_checkpoints_rotate_and_final_loads(tiny_model_dir, tmp_path):
